@@ -1,0 +1,72 @@
+"""Dagster resources, and the one place that chooses them per deployment.
+
+``local``: the AIstock database defaults to the embedded server (started on first use, not at load time,
+so ``dagster definitions validate`` stays instant). ``production``: every resource comes from the
+environment (``EnvVar``), so the values Dagster shows and stores are the variable names, never secrets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import ConfigurableResource, EnvVar
+from sqlalchemy.engine import Engine
+
+from aistock_pipelines.db import engine_for, libpq_url, redact, resolve_db_url
+from aistock_pipelines.settings import Settings
+
+
+class AIstockDatabase(ConfigurableResource):
+    """The AIstock PostgreSQL database (source tables, export meta, RD-Agent registries).
+
+    ``url`` empty means the embedded server under ``home``.
+    """
+
+    url: str = ""
+    home: str = ""
+
+    def resolved_url(self) -> str:
+        settings = Settings.from_env({"AISTOCK_DB_URL": self.url, "AISTOCK_HOME": self.home})
+        return resolve_db_url(settings)
+
+    def engine(self) -> Engine:
+        return engine_for(self.resolved_url())
+
+    def libpq_url(self) -> str:
+        return libpq_url(self.resolved_url())
+
+    def display_url(self) -> str:
+        return redact(self.resolved_url())
+
+
+class SnapshotStore(ConfigurableResource):
+    """Where snapshot directories live (``AISTOCK_SNAPSHOT_ROOT``)."""
+
+    root: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root)
+
+
+class RDAgentResultsApi(ConfigurableResource):
+    """RD-Agent's read-only results API (``RDAGENT_RESULTS_URL``)."""
+
+    base_url: str = "http://127.0.0.1:9000"
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 15.0
+
+
+def resources_for(settings: Settings) -> dict[str, ConfigurableResource]:
+    """Resources for the deployment named in ``settings``."""
+    if settings.deployment == "production":
+        return {
+            "aistock_db": AIstockDatabase(url=EnvVar("AISTOCK_DB_URL"), home=str(settings.home)),
+            "snapshot_store": SnapshotStore(root=EnvVar("AISTOCK_SNAPSHOT_ROOT")),
+            "rdagent_api": RDAgentResultsApi(base_url=EnvVar("RDAGENT_RESULTS_URL")),
+        }
+    return {
+        "aistock_db": AIstockDatabase(url=settings.db_url or "", home=str(settings.home)),
+        "snapshot_store": SnapshotStore(root=str(settings.snapshot_root)),
+        "rdagent_api": RDAgentResultsApi(base_url=settings.rdagent_results_url),
+    }

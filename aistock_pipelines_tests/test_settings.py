@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from aistock_pipelines.db import libpq_url, redact, sqlalchemy_url
+from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE, Settings, SettingsError
+
+
+def test_defaults_use_embedded_database_under_home(tmp_path: Path):
+    s = Settings.from_env({"AISTOCK_HOME": str(tmp_path)})
+    assert s.uses_embedded_db
+    assert s.deployment == "local"
+    assert s.embedded_pgdata == tmp_path / "pgdata"
+    assert s.snapshot_root == tmp_path / "snapshots"
+    assert s.snapshots_file == DEMO_SNAPSHOTS_FILE
+    assert s.rdagent_results_url == "http://127.0.0.1:9000"
+    assert s.factor_packages == ("rd_factors_lib",)
+
+
+def test_explicit_values_win(tmp_path: Path):
+    s = Settings.from_env({
+        "AISTOCK_DB_URL": "postgresql://u:p@db:5432/aistock",
+        "AISTOCK_SNAPSHOT_ROOT": str(tmp_path / "snaps"),
+        "RDAGENT_RESULTS_URL": "http://127.0.0.1:9100/",
+        "AISTOCK_FACTOR_PACKAGES": "rd_factors_lib, my_factors",
+    })
+    assert not s.uses_embedded_db
+    assert s.snapshot_root == tmp_path / "snaps"
+    assert s.rdagent_results_url == "http://127.0.0.1:9100"
+    assert s.factor_packages == ("rd_factors_lib", "my_factors")
+
+
+def test_production_requires_a_database_url():
+    with pytest.raises(SettingsError, match="AISTOCK_DB_URL"):
+        Settings.from_env({"AISTOCK_DEPLOYMENT": "production"})
+    with pytest.raises(SettingsError, match="'local' or 'production'"):
+        Settings.from_env({"AISTOCK_DEPLOYMENT": "staging"})
+
+
+def test_url_forms_and_redaction():
+    url = "postgresql://alice:s3cret@db.internal:5432/aistock"
+    assert sqlalchemy_url(url) == "postgresql+psycopg://alice:s3cret@db.internal:5432/aistock"
+    assert libpq_url("postgresql+psycopg://alice:s3cret@db/x") == "postgresql://alice:s3cret@db/x"
+    assert "s3cret" not in redact(url) and "***" in redact(url)
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        sqlalchemy_url("mysql://a@b/c")
