@@ -1,0 +1,278 @@
+"""SnapshotWriter (seed §5.5): one snapshot directory per id, written atomically.
+
+Layout under ``AISTOCK_SNAPSHOT_ROOT``::
+
+    <id>            -> symlink to .versions/<id>@<stamp>   (what Qlib / RD-Agent are pointed at)
+    .versions/<id>@<stamp>/
+        daily_pv.h5  meta.json  calendars/day.txt  instruments/all.txt  features/<sym>/<field>.day.bin
+        rdagent/{daily_pv.h5, README.md}          (hard link to the top-level h5: no second copy)
+        rdagent_debug/{daily_pv.h5, README.md}    (last 2 years × 100 instruments by default)
+    .locks/<id>.lock
+
+A new version is built completely beside the current one, then the symlink is replaced with
+``os.replace`` (atomic on POSIX): a crash at any point leaves the previous version in place and readable;
+the next run deletes unreferenced versions. An exclusive ``flock`` keeps two writers off one snapshot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import pandas as pd
+
+from aistock_pipelines.export import qlib_format
+from aistock_pipelines.export.reader import INDEX_NAMES
+
+SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+H5_KEY = "data"
+
+
+class SnapshotError(RuntimeError):
+    pass
+
+
+class SnapshotLocked(SnapshotError):
+    pass
+
+
+@dataclass(frozen=True)
+class SnapshotOptions:
+    """Per-snapshot layout options (part of the snapshot's declaration)."""
+
+    columns: Literal["plain", "dollar"] = "plain"
+    instruments: Literal["ts_code", "qlib"] = "ts_code"
+    dtype: Literal["float32", "float64"] = "float64"
+    factor_tables: tuple[str, ...] | None = None
+    qlib_bins: bool = True
+    debug_years: int = 2
+    debug_instruments: int = 100
+
+    def __post_init__(self) -> None:
+        if self.columns not in ("plain", "dollar"):
+            raise ValueError(f"columns must be 'plain' or 'dollar', got {self.columns!r}")
+        if self.instruments not in ("ts_code", "qlib"):
+            raise ValueError(f"instruments must be 'ts_code' or 'qlib', got {self.instruments!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["factor_tables"] = list(self.factor_tables) if self.factor_tables is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SnapshotOptions":
+        d = dict(d)
+        if d.get("factor_tables") is not None:
+            d["factor_tables"] = tuple(d["factor_tables"])
+        return cls(**d)
+
+
+def check_snapshot_id(snapshot_id: str) -> str:
+    if not SNAPSHOT_ID.match(snapshot_id or ""):
+        raise SnapshotError(f"snapshot id {snapshot_id!r} may only contain letters, digits, '_' and '-'")
+    return snapshot_id
+
+
+def external_frame(frame: pd.DataFrame, options: SnapshotOptions) -> pd.DataFrame:
+    """Internal frame (plain names, ts_code, float64) → the file's shape (column style, naming, dtype).
+    Index levels are plain datetime64[ns] / object: pandas' string dtype breaks ``to_hdf``."""
+    names = qlib_format.instrument_names(frame.index.get_level_values("instrument"), options.instruments)
+    index = pd.MultiIndex.from_arrays(
+        [pd.DatetimeIndex(frame.index.get_level_values("datetime")).as_unit("ns"), pd.Index(names, dtype=object)],
+        names=INDEX_NAMES)
+    prefix = "$" if options.columns == "dollar" else ""
+    out = pd.DataFrame({f"{prefix}{c}": frame[c].to_numpy(dtype=options.dtype) for c in frame.columns}, index=index)
+    return out if options.instruments == "ts_code" else out.sort_index()
+
+
+def internal_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Inverse of :func:`external_frame` (float64, plain names, ts_code instruments)."""
+    inst = [qlib_format.from_qlib_symbol(s) for s in frame.index.get_level_values("instrument")]
+    index = pd.MultiIndex.from_arrays(
+        [pd.DatetimeIndex(frame.index.get_level_values("datetime")).as_unit("ns"), pd.Index(inst, dtype=object)],
+        names=INDEX_NAMES)
+    out = pd.DataFrame({c.lstrip("$"): frame[c].to_numpy(dtype=np.float64) for c in frame.columns}, index=index)
+    return out.sort_index()
+
+
+def write_h5(path: Path, frame: pd.DataFrame) -> None:
+    """pandas HDF5, fixed format, key ``data``, exactly one dataset (RD-Agent reads without a key)."""
+    frame.to_hdf(path, key=H5_KEY, mode="w", format="fixed")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class SnapshotWriter:
+    def __init__(self, snapshot_root: Path, market: str = "aistock"):
+        self.root = Path(snapshot_root)
+        self.market = market
+
+    # ------------------------------------------------------------------------------ locations
+
+    def path(self, snapshot_id: str) -> Path:
+        return self.root / check_snapshot_id(snapshot_id)
+
+    def exists(self, snapshot_id: str) -> bool:
+        return (self.path(snapshot_id) / "meta.json").exists()
+
+    def read_meta(self, snapshot_id: str) -> dict | None:
+        meta = self.path(snapshot_id) / "meta.json"
+        return json.loads(meta.read_text()) if meta.exists() else None
+
+    def read_frame(self, snapshot_id: str) -> pd.DataFrame:
+        return internal_frame(pd.read_hdf(self.path(snapshot_id) / "daily_pv.h5", key=H5_KEY))
+
+    def list_ids(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if SNAPSHOT_ID.match(p.name) and (p / "meta.json").exists())
+
+    # ---------------------------------------------------------------------------------- locking
+
+    @contextmanager
+    def lock(self, snapshot_id: str) -> Iterator[None]:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{check_snapshot_id(snapshot_id)}.lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SnapshotLocked(f"snapshot {snapshot_id} is being written by another process; retry later") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def cleanup(self, snapshot_id: str) -> list[Path]:
+        """Delete versions of ``snapshot_id`` the current symlink does not point to (crash leftovers)."""
+        versions = self.root / ".versions"
+        if not versions.exists():
+            return []
+        link = self.path(snapshot_id)
+        current = link.resolve() if link.is_symlink() else None
+        removed = []
+        for p in versions.glob(f"{snapshot_id}@*"):
+            if p.resolve() != current:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        return removed
+
+    # ---------------------------------------------------------------------------------- writing
+
+    def write(self, snapshot_id: str, frame: pd.DataFrame, calendar: list[date], options: SnapshotOptions,
+              meta: dict, column_info: dict[str, dict]) -> tuple[Path, dict, dict[str, float]]:
+        """Build a complete new version and swap it in. ``frame`` is internal (plain, ts_code, float64,
+        sorted). Returns (path, final meta, per-phase seconds). Caller holds :meth:`lock`."""
+        import time
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        version = self.root / ".versions" / f"{snapshot_id}@{stamp}"
+        version.mkdir(parents=True)
+
+        ext = external_frame(frame, options)
+        write_h5(version / "daily_pv.h5", ext)
+        timings["write_h5"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        qlib_format.write_calendar(version / "calendars" / "day.txt", calendar)
+        named = frame.copy(deep=False)
+        named.index = ext.index if options.instruments == "ts_code" else pd.MultiIndex.from_arrays(
+            [frame.index.get_level_values(0),
+             pd.Index(qlib_format.instrument_names(frame.index.get_level_values(1), options.instruments), dtype=object)],
+            names=INDEX_NAMES)
+        qlib_format.write_instruments(version / "instruments" / "all.txt", qlib_format.instrument_spans(named, calendar))
+        n_bins = 0
+        if options.qlib_bins:
+            n_bins = qlib_format.write_bins(version / "features", named, calendar, list(frame.columns))
+        timings["write_bins"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        readme = rdagent_readme(snapshot_id, ext, column_info, options)
+        (version / "rdagent").mkdir()
+        os.link(version / "daily_pv.h5", version / "rdagent" / "daily_pv.h5")
+        (version / "rdagent" / "README.md").write_text(readme)
+        debug = debug_subset(ext, options)
+        (version / "rdagent_debug").mkdir()
+        write_h5(version / "rdagent_debug" / "daily_pv.h5", debug)
+        (version / "rdagent_debug" / "README.md").write_text(
+            readme + f"\nDebug subset: last {options.debug_years} years × {options.debug_instruments} instruments "
+                     f"({len(debug)} rows).\n")
+        timings["write_rdagent"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        meta = {**meta, "snapshot_id": snapshot_id, "market": self.market, "freq": "day",
+                "daily_pv_sha256": sha256_file(version / "daily_pv.h5"),
+                "files": {"daily_pv.h5": (version / "daily_pv.h5").stat().st_size,
+                          "rdagent_debug/daily_pv.h5": (version / "rdagent_debug" / "daily_pv.h5").stat().st_size,
+                          "bins": n_bins}}
+        (version / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        timings["write_meta"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self._swap(snapshot_id, version)
+        self.cleanup(snapshot_id)
+        timings["swap"] = time.perf_counter() - t
+        return self.path(snapshot_id), meta, timings
+
+    def _swap(self, snapshot_id: str, version: Path) -> None:
+        link = self.path(snapshot_id)
+        if link.exists() and not link.is_symlink():  # a plain directory from elsewhere: keep it aside
+            link.rename(self.root / ".versions" / f"{snapshot_id}@legacy-{version.name.split('@')[1]}")
+        tmp = self.root / f".{snapshot_id}.link-{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(version.relative_to(self.root))
+        os.replace(tmp, link)
+
+
+def debug_subset(ext: pd.DataFrame, options: SnapshotOptions) -> pd.DataFrame:
+    """RD-Agent's debug file: the most recent ``debug_years`` years × the ``debug_instruments`` instruments
+    with the most rows there (ties by name) — deterministic."""
+    if ext.empty:
+        return ext
+    dates = ext.index.get_level_values("datetime")
+    recent = ext[dates >= dates.max() - pd.DateOffset(years=options.debug_years)]
+    counts = recent.groupby(level="instrument").size()
+    ranked = counts.reset_index().sort_values([0, "instrument"], ascending=[False, True])
+    keep = set(ranked["instrument"].head(options.debug_instruments))
+    return recent[recent.index.get_level_values("instrument").isin(keep)]
+
+
+def rdagent_readme(snapshot_id: str, ext: pd.DataFrame, column_info: dict[str, dict], options: SnapshotOptions) -> str:
+    lines = [
+        f"# {snapshot_id}: A-share daily data (forward-adjusted, qfq)",
+        "",
+        "`daily_pv.h5`: pandas HDF5 (fixed format, key `data`). Index: MultiIndex `(datetime, instrument)`, "
+        f"sorted and unique; instruments named like `{'SZ000001' if options.instruments == 'qlib' else '000001.SZ'}`. "
+        f"Values are {options.dtype}. Rows exist for trading days on which the instrument traded; "
+        "suspended days have no row.",
+        "",
+        "| column | unit | source |",
+        "|---|---|---|",
+    ]
+    for col in ext.columns:
+        info = column_info.get(col.lstrip("$"), {})
+        lines.append(f"| `{col}` | {info.get('unit', '')} | {info.get('source', '')} |")
+    lines += ["", "Prices are forward-adjusted to the latest ex-rights event; `factor` = adjusted / raw price, "
+              "so raw price = price / factor and raw shares = volume × factor."]
+    return "\n".join(lines) + "\n"
