@@ -1,0 +1,68 @@
+"""Post-close schedule: 18:30 Asia/Shanghai on weekdays, today's partition of every open-ended snapshot.
+
+A custom ``@schedule`` rather than ``build_schedule_from_partitioned_job``: the latter targets the previous
+day for daily partitions and refuses hour/minute on weekday crons (REFERENCE §4). Holidays that fall on
+weekdays are skipped with a reason, read from the database's own trade calendar.
+"""
+
+
+from datetime import date
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from dagster import (
+    AssetSelection,
+    RunRequest,
+    ScheduleDefinition,
+    ScheduleEvaluationContext,
+    SkipReason,
+    define_asset_job,
+    schedule,
+)
+
+from aistock_pipelines.resources import AIstockDatabase
+from aistock_pipelines.snapshot_config import SnapshotsFile
+
+POST_CLOSE_CRON = "30 18 * * 1-5"
+TIMEZONE = "Asia/Shanghai"
+
+
+def snapshot_job_name(snapshot_id: str) -> str:
+    return f"snapshot_{snapshot_id.replace('-', '_')}_job"
+
+
+def snapshot_jobs(config: SnapshotsFile):
+    return [define_asset_job(snapshot_job_name(d.id), selection=AssetSelection.assets(["snapshots", d.id]),
+                             tags={"aistock/job": "snapshot", "aistock/snapshot": d.id})
+            for d in config.snapshots]
+
+
+def is_trading_day(db: AIstockDatabase, day: date, calendar_table: str) -> bool | None:
+    schema, table = calendar_table.split(".")
+    with db.engine().connect() as conn:
+        return conn.execute(sa.text(f'SELECT is_trading FROM "{schema}"."{table}" WHERE cal_date = :d'), {"d": day}).scalar()
+
+
+def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
+    """One schedule per open-ended snapshot (a schedule targets one job; snapshot partitions differ)."""
+
+    @schedule(name=f"{job.name.removesuffix('_job')}_post_close", cron_schedule=POST_CLOSE_CRON,
+              execution_timezone=TIMEZONE, job=job,
+              description=f"After the close on trading days: today's partition of snapshots/{decl.id}.")
+    def _post_close(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
+        today = context.scheduled_execution_time.astimezone(ZoneInfo(TIMEZONE)).date()
+        trading = is_trading_day(aistock_db, today, calendar_table)
+        if trading is None:
+            return SkipReason(f"{today} is not in {calendar_table}: extend the trade calendar")
+        if not trading:
+            return SkipReason(f"{today} is not a trading day ({calendar_table})")
+        key = today.isoformat()
+        return RunRequest(run_key=f"{decl.id}:{key}", partition_key=key, tags={"aistock/snapshot": decl.id})
+
+    return _post_close
+
+
+def post_close_schedules(config: SnapshotsFile, jobs) -> list[ScheduleDefinition]:
+    by_name = {j.name: j for j in jobs}
+    return [post_close_schedule(d, by_name[snapshot_job_name(d.id)], config.mapping.calendar_table)
+            for d in config.snapshots if d.open_ended]

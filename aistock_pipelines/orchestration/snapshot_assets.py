@@ -1,0 +1,132 @@
+"""One partitioned asset per declared snapshot: ``snapshots/<id>``.
+
+Partitions are calendar days in Asia/Shanghai from the snapshot's start (``end_offset=1`` so the post-close
+schedule can target today). Days the trade calendar marks closed are no-ops (a materialization that says
+so), which keeps the partition grid simple while weekends and holidays do no work. A range backfill is
+one run (``BackfillPolicy.single_run``): a range starting at the snapshot's start is the full export,
+any other range merges into the snapshot with restatement handling. Each snapshot has its own pool, so two
+runs never write one snapshot (the exporter's file lock is the second line of defence).
+"""
+
+
+from datetime import date, timedelta
+
+import pandas as pd
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    Backoff,
+    BackfillPolicy,
+    DailyPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    asset,
+)
+
+from aistock_pipelines.export.exporter import DataGateError, ExportResult, QlibDailyExporter
+from aistock_pipelines.export.mapping import ExportMapping, MappingError
+from aistock_pipelines.export.meta_repo import MetaRepo
+from aistock_pipelines.export.reader import DBReader
+from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotWriter
+from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
+from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
+
+TIMEZONE = "Asia/Shanghai"
+#: Transient failures (database restarts, a day not loaded yet) retry; bad data and bad config do not.
+SNAPSHOT_RETRY = RetryPolicy(max_retries=3, delay=120, backoff=Backoff.EXPONENTIAL)
+
+
+def partitions_for(decl: SnapshotDecl) -> DailyPartitionsDefinition:
+    if decl.end is None:
+        return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=TIMEZONE, end_offset=1)
+    return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=TIMEZONE,
+                                     end_date=(decl.end + timedelta(days=1)).isoformat())
+
+
+def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping) -> QlibDailyExporter:
+    engine = db.engine()
+    return QlibDailyExporter(DBReader(engine, mapping, db.resolved_url()), SnapshotWriter(store.path), MetaRepo(engine))
+
+
+def run_snapshot_export(exporter: QlibDailyExporter, decl: SnapshotDecl, range_start: date, range_end: date) -> ExportResult | None:
+    """Export [range_start, range_end] of ``decl``: full when the range starts at the snapshot's start or the
+    snapshot does not exist yet, otherwise an incremental merge. None when the range has no trading day."""
+    with exporter.reader.session() as s:
+        if not s.trading_days(range_start, range_end):
+            return None
+    if range_start <= decl.start or not exporter.writer.exists(decl.id):
+        return exporter.export_full(decl.id, decl.start, range_end, decl.ts_codes, options=decl.options())
+    return exporter.export_incremental(decl.id, range_end, decl.ts_codes, options=decl.options(), start=decl.start)
+
+
+def result_metadata(result: ExportResult) -> dict:
+    frame_preview = pd.read_hdf(result.path / "daily_pv.h5", key="data", stop=5) if (result.path / "daily_pv.h5").exists() else None
+    meta = {
+        "mode": result.mode,
+        "rows": result.rows,
+        "instruments": result.instruments,
+        "start": result.start.isoformat(),
+        "end": result.end.isoformat(),
+        "restated_instruments": len(result.restated),
+        "restated_sample": MetadataValue.json(result.restated[:20]),
+        "rows_added": result.rows_added,
+        "rows_rewritten": result.rows_rewritten,
+        "rows_read": result.rows_read,
+        "sha256": result.sha256,
+        "path": MetadataValue.path(str(result.path)),
+    }
+    meta.update({f"seconds_{k}": float(round(v, 4)) for k, v in result.timings.items()})
+    if frame_preview is not None:
+        meta["columns"] = MetadataValue.json(list(frame_preview.columns))
+        meta["daily_pv_bytes"] = (result.path / "daily_pv.h5").stat().st_size
+        meta["preview"] = MetadataValue.md(frame_preview.iloc[:, :8].to_markdown() if _has_tabulate() else
+                                           frame_preview.iloc[:, :8].to_string())
+    return meta
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinition:
+    mapping = config.export_mapping()
+
+    @asset(
+        key=["snapshots", decl.id],
+        group_name="snapshots",
+        partitions_def=partitions_for(decl),
+        backfill_policy=BackfillPolicy.single_run(),
+        retry_policy=SNAPSHOT_RETRY,
+        pool=f"snapshot_{decl.id}",
+        kinds={"hdf5", "qlib"},
+        description=f"Qlib/RD-Agent snapshot {decl.id}: {decl.columns} columns, {decl.instruments} names, "
+                    f"{decl.dtype}, from {decl.start}" + (f" to {decl.end}" if decl.end else " (open-ended)"),
+        metadata={"declaration": MetadataValue.json(decl.model_dump(mode="json"))},
+    )
+    def _snapshot(context: AssetExecutionContext, aistock_db: AIstockDatabase, snapshot_store: SnapshotStore) -> MaterializeResult:
+        window = context.partition_time_window
+        range_start = window.start.date()
+        range_end = (window.end - timedelta(days=1)).date()
+        exporter = build_exporter(aistock_db, snapshot_store, mapping)
+        try:
+            result = run_snapshot_export(exporter, decl, range_start, range_end)
+        except (DataGateError, MappingError, SnapshotError) as e:
+            raise Failure(description=f"snapshot {decl.id}: {e}", allow_retries=False) from e
+        if result is None:
+            context.log.info("no trading day in %s..%s: nothing to do", range_start, range_end)
+            return MaterializeResult(metadata={"mode": "no trading day", "start": range_start.isoformat(),
+                                               "end": range_end.isoformat()})
+        context.log.info("snapshot %s: %s, %s rows, %s restated", decl.id, result.mode, result.rows, len(result.restated))
+        return MaterializeResult(metadata=result_metadata(result))
+
+    return _snapshot
+
+
+def snapshot_assets(config: SnapshotsFile) -> list[AssetsDefinition]:
+    return [snapshot_asset(decl, config) for decl in config.snapshots]

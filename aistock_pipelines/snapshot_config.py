@@ -1,0 +1,143 @@
+"""Snapshot declarations (``AISTOCK_SNAPSHOTS_FILE``): which snapshots exist and how they are built.
+
+One YAML file holds the export mapping (bars table, field overrides, factor tables) and the snapshots.
+It is validated with pydantic when definitions load, so a typo fails fast with the snapshot and key named.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from aistock_pipelines.export.mapping import FIELD_MAPPING_DB_DAILY, ExportMapping, FactorTable, FieldSpec, MappingError
+from aistock_pipelines.export.snapshot_writer import SnapshotOptions
+
+
+class SnapshotConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldDecl(_Strict):
+    column: str
+    scale: float = 1.0
+    unit: str = ""
+
+
+class FactorTableDecl(_Strict):
+    name: str
+    table: str
+    prefix: str | None = None
+    columns: dict[str, FieldDecl] = Field(default_factory=dict)
+
+
+class MappingDecl(_Strict):
+    bars_table: str = "market.kline_daily_qfq"
+    raw_table: str | None = "market.kline_daily_raw"
+    calendar_table: str = "market.trading_calendar"
+    fields: dict[str, FieldDecl] = Field(default_factory=dict)  # overrides of FIELD_MAPPING_DB_DAILY
+
+
+class SnapshotDecl(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    start: date
+    end: date | None = None
+    universe: Literal["all"] | list[str] = "all"
+    columns: Literal["plain", "dollar"] = "plain"
+    instruments: Literal["ts_code", "qlib"] = "ts_code"
+    dtype: Literal["float32", "float64"] = "float64"
+    factor_tables: list[str] | None = None
+    qlib_bins: bool = True
+    debug_years: int = Field(2, ge=1)
+    debug_instruments: int = Field(100, ge=1)
+
+    @field_validator("end")
+    @classmethod
+    def _end_after_start(cls, v: date | None, info) -> date | None:
+        if v is not None and "start" in info.data and v < info.data["start"]:
+            raise ValueError("end is before start")
+        return v
+
+    @property
+    def open_ended(self) -> bool:
+        return self.end is None
+
+    @property
+    def ts_codes(self) -> list[str] | None:
+        return None if self.universe == "all" else list(self.universe)
+
+    def options(self) -> SnapshotOptions:
+        return SnapshotOptions(columns=self.columns, instruments=self.instruments, dtype=self.dtype,
+                               factor_tables=tuple(self.factor_tables) if self.factor_tables is not None else None,
+                               qlib_bins=self.qlib_bins, debug_years=self.debug_years,
+                               debug_instruments=self.debug_instruments)
+
+
+class SnapshotsFile(_Strict):
+    mapping: MappingDecl = Field(default_factory=MappingDecl)
+    factor_tables: list[FactorTableDecl] = Field(default_factory=list)
+    snapshots: list[SnapshotDecl]
+
+    def export_mapping(self) -> ExportMapping:
+        fields = dict(FIELD_MAPPING_DB_DAILY)
+        fields.update({k: FieldSpec(v.column, v.scale, v.unit) for k, v in self.mapping.fields.items()})
+        return ExportMapping(
+            bars_table=self.mapping.bars_table, raw_table=self.mapping.raw_table,
+            calendar_table=self.mapping.calendar_table, fields=fields,
+            factor_tables=tuple(FactorTable(t.name, t.table, {k: FieldSpec(v.column, v.scale, v.unit)
+                                                             for k, v in t.columns.items()}, t.prefix)
+                                for t in self.factor_tables))
+
+    def get(self, snapshot_id: str) -> SnapshotDecl:
+        for s in self.snapshots:
+            if s.id == snapshot_id:
+                return s
+        raise KeyError(f"no snapshot {snapshot_id!r} declared; declared: {[s.id for s in self.snapshots]}")
+
+
+def _describe(err: ValidationError, doc: dict) -> str:
+    parts = []
+    for e in err.errors():
+        loc = list(e["loc"])
+        where = ".".join(str(x) for x in loc)
+        if len(loc) >= 2 and loc[0] == "snapshots" and isinstance(loc[1], int):
+            try:
+                sid = doc["snapshots"][loc[1]].get("id", f"#{loc[1]}")
+            except Exception:  # noqa: BLE001 - best effort naming only
+                sid = f"#{loc[1]}"
+            where = f"snapshot {sid!r}, key {'.'.join(str(x) for x in loc[2:]) or '(entry)'}"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def load_snapshots_file(path: Path) -> SnapshotsFile:
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise SnapshotConfigError(f"snapshots file {path} not found (AISTOCK_SNAPSHOTS_FILE)") from None
+    except yaml.YAMLError as e:
+        raise SnapshotConfigError(f"snapshots file {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise SnapshotConfigError(f"snapshots file {path}: expected a mapping with a 'snapshots' list")
+    try:
+        parsed = SnapshotsFile.model_validate(doc)
+    except ValidationError as e:
+        raise SnapshotConfigError(f"snapshots file {path}: {_describe(e, doc)}") from None
+    ids = [s.id for s in parsed.snapshots]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise SnapshotConfigError(f"snapshots file {path}: snapshot id(s) {dup} declared twice")
+    try:
+        mapping = parsed.export_mapping()
+        for s in parsed.snapshots:
+            mapping.select(s.factor_tables)
+    except MappingError as e:
+        raise SnapshotConfigError(f"snapshots file {path}: {e}") from None
+    return parsed
