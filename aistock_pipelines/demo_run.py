@@ -91,6 +91,32 @@ def run_demo(settings: Settings, serve: bool = True, reseed: bool = False, port:
         return 0
 
 
+def materialize_demo_snapshots(settings: Settings) -> None:
+    """Backfill every declared snapshot over its whole span, one run each, recorded in the demo instance."""
+    from dagster import DagsterInstance, materialize
+
+    from aistock_pipelines.definitions import build_definitions
+    from aistock_pipelines.snapshot_config import load_snapshots_file
+
+    config = load_snapshots_file(settings.snapshots_file)
+    defs = build_definitions(settings)
+    engine = create_db_engine(resolve_db_url(settings))
+    with engine.connect() as conn:
+        last = conn.execute(sa.text("SELECT max(trade_date) FROM market.kline_daily_qfq")).scalar()
+    engine.dispose()
+    instance = DagsterInstance.get()
+    for decl in config.snapshots:
+        end = min(decl.end or last, last)
+        asset = defs.get_assets_def(["snapshots", decl.id])
+        log.info("materializing snapshots/%s over %s..%s", decl.id, decl.start, end)
+        result = materialize([asset], instance=instance, resources=defs.resources, tags={
+            "dagster/asset_partition_range_start": decl.start.isoformat(),
+            "dagster/asset_partition_range_end": end.isoformat()})
+        if not result.success:
+            raise RuntimeError(f"materializing snapshots/{decl.id} failed; see the run in the Dagster UI")
+        log.info("snapshot %s ready at %s", decl.id, settings.snapshot_root / decl.id)
+
+
 def demo_steps() -> list:
-    """Later capabilities (snapshots, RD-Agent sync) register their demo steps here."""
-    return []
+    """The demo's steps after the market is seeded, in order."""
+    return [materialize_demo_snapshots]
