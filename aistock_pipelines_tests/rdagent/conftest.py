@@ -4,18 +4,28 @@
   the read-only tests of a session.
 * ``results_dir`` + ``start_server``: a private copy and server for tests that edit files.
 * ``closed_port_url``: a loopback port nobody listens on.
+* ``fake_api``: a routed misbehaving server (``http.server.ThreadingHTTPServer``) for the sync tests.
+* ``registry_engine``: an engine on a fresh, empty database of the session's PostgreSQL server.
 
-The misbehaving-server fixture lives next to the client tests, its only user.
+The scripted (request-order) misbehaving server lives next to the client tests, its only user.
 """
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy.engine import Engine
+
+from aistock_pipelines.db import create_db_engine
 
 from aistock_pipelines.demo.rdagent_results_builder import build_demo_results_dir
 from aistock_pipelines.rdagent.results_server import serve_in_thread
@@ -55,3 +65,91 @@ def closed_port_url() -> str:
         sock.bind((LOOPBACK, 0))
         port = sock.getsockname()[1]
     return f"http://{LOOPBACK}:{port}"
+
+
+@pytest.fixture(scope="session")
+def registry_db(pg_server) -> str:
+    """One database for all registry tests (URL); ``registry_engine`` empties it before each test.
+
+    Resetting a schema is much cheaper than a database per test: every ``DROP DATABASE`` forces a
+    checkpoint, which made the session teardown grow to tens of seconds.
+    """
+    return pg_server.create_database("rdagent_registry")
+
+
+@pytest.fixture
+def registry_engine(registry_db: str) -> Iterator[Engine]:
+    """An engine on a database without the ``rdagent`` schema (the sync creates it itself)."""
+    engine = create_db_engine(registry_db)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA IF EXISTS rdagent CASCADE")
+    yield engine
+    engine.dispose()
+
+
+#: Route value meaning "accept the request and never answer".
+HANG = "hang"
+
+
+@dataclass
+class FakeApi:
+    """A started fake server: its base URL and the request paths it received, in order."""
+
+    base_url: str
+    paths: list[str] = field(default_factory=list)
+
+
+def _encode(reply: Any) -> tuple[int, bytes]:
+    """``bytes`` -> 200 with that body; ``(status, payload)``; anything else -> 200 with its JSON."""
+    status, payload = reply if isinstance(reply, tuple) else (200, reply)
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return status, body
+
+
+@pytest.fixture
+def fake_api() -> Iterator[Callable[[dict[str, Any]], FakeApi]]:
+    """Factory: a ThreadingHTTPServer on 127.0.0.1:0 answering by request path.
+
+    Route values: raw ``bytes`` (200, sent as is: malformed JSON, NaN tokens, huge bodies), a JSON-able
+    object (200), ``(status, payload)``, or :data:`HANG`. Unknown paths answer 404 like FastAPI.
+    """
+    release = threading.Event()
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(routes: dict[str, Any]) -> FakeApi:
+        api = FakeApi(base_url="")
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server naming
+                with lock:
+                    api.paths.append(self.path)
+                reply = routes.get(self.path, (404, {"detail": "Not Found"}))
+                if isinstance(reply, str) and reply == HANG:
+                    release.wait(timeout=10)
+                    return
+                status, body = _encode(reply)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up on purpose (body over its cap)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        server.daemon_threads = True
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        api.base_url = f"http://{LOOPBACK}:{server.server_address[1]}"
+        return api
+
+    yield start
+    release.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()

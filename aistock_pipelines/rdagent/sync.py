@@ -1,0 +1,784 @@
+"""Sync RD-Agent's published results into the AIstock registry tables (plain Python, no Dagster).
+
+The rules, and why:
+
+* **Fetch first, then one short transaction per catalog.** Everything is downloaded and validated
+  before ``BEGIN``; a bad or unreachable server therefore never leaves a half-written catalog, and no
+  transaction stays open while waiting on the network. Any error inside the transaction rolls it back,
+  so the previous rows stay exactly as they were (:class:`SyncError` says so).
+* **Duplicates inside one response: the last occurrence wins, whole record.** RD-Agent's exporters
+  append in registry order, so a later record with the same key is the newer evolution (the demo's two
+  ``Price_Volume_Divergence_5D`` records are 2025-12-15 and 2025-12-18). Field-wise merging was rejected:
+  it would store a record that never existed upstream (an expression from one run, a description from
+  another). Note that ``GET /factors/{name}`` upstream returns the *first* match; the registry keeps the
+  last. The number of dropped records is reported as ``duplicates_merged``.
+* **Change detection compares the stored row with the incoming one** (``raw`` plus every derived
+  column, so a new derivation rule also rewrites old rows). Unchanged rows are not rewritten; only their
+  ``last_seen_at`` (and ``catalog_generated_at_utc``) move, because "seen" means "present upstream".
+* **Rows missing upstream are deactivated, never deleted, and reactivated when they return.**
+* **Not published (404) is not "empty".** RD-Agent answers 404 for a missing *or* half-written file,
+  and most installations publish no model catalog: the registry rows are left untouched and the state
+  is recorded as not published.
+* **Concurrent syncs of one catalog are serialised** by a transaction-scoped advisory lock, so the
+  inserted/updated/unchanged/deactivated counts are exact.
+* Bodies are never logged; database errors are reported by their driver message only (SQLAlchemy's own
+  message would include the bound parameters, i.e. catalog contents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from typing import Any, Literal, TypeVar, get_args
+
+from sqlalchemy import ColumnElement, Table, false, func, select, true, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from aistock_pipelines.rdagent import registry_schema as rs
+from aistock_pipelines.rdagent.catalog_models import Alpha158Meta, CatalogResponse
+from aistock_pipelines.rdagent.results_client import (
+    RDAgentResultsClient,
+    ResultsApiBadResponse,
+    ResultsApiError,
+)
+
+log = logging.getLogger(__name__)
+
+CatalogName = Literal["factors", "strategies", "loops", "models", "alpha158"]
+CATALOGS: tuple[CatalogName, ...] = get_args(CatalogName)
+LOOP_ARTIFACTS = "loop_artifacts"
+#: Everything :func:`sync_all` can sync, in dependency order (artifacts follow the loops).
+SYNC_KINDS: tuple[str, ...] = (*CATALOGS, LOOP_ARTIFACTS)
+
+#: Fingerprint of a catalog the server does not publish (404); a value of its own so that a later
+#: publication is a change.
+NOT_PUBLISHED = "not-published"
+
+_DETAIL_CHARS = 300
+_KEYS_PER_STATEMENT = 5000
+T = TypeVar("T")
+
+
+class SyncError(Exception):
+    """A sync failed; nothing of it was committed (the message says why and what to check)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class SyncAllError(SyncError):
+    """Some kinds of :func:`sync_all` failed; ``results`` holds the ones that were committed."""
+
+    def __init__(self, results: dict[str, SyncStats], errors: dict[str, SyncError]) -> None:
+        detail = "; ".join(f"{kind}: {err}" for kind, err in errors.items())
+        super().__init__(",".join(errors), f"{len(errors)} of {len(results) + len(errors)} syncs failed: {detail}")
+        self.results = results
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """What one sync did. ``records`` counts records received, before duplicates were merged;
+    ``reactivated`` rows are also counted in ``updated``."""
+
+    kind: str
+    published: bool
+    fingerprint: str
+    generated_at_utc: str | None = None
+    records: int = 0
+    duplicates_merged: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deactivated: int = 0
+    reactivated: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.inserted or self.updated or self.deactivated)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------- fingerprints
+def catalog_fingerprint(response: CatalogResponse | Alpha158Meta | None) -> str:
+    """``<generated_at_utc>|sha256:<hex of the body>``, or :data:`NOT_PUBLISHED` for ``None``.
+
+    The sha256 alone would do (the body contains ``generated_at_utc``); the timestamp is kept in front
+    so a cursor or a metadata entry is readable at a glance.
+    """
+    if response is None:
+        return NOT_PUBLISHED
+    return f"{response.generated_at_utc}|sha256:{response.sha256}"
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """Fingerprints of the catalogs that answered; per-catalog errors for bodies that were unusable;
+    kinds left for the next poll because the time budget ran out."""
+
+    fingerprints: dict[str, str]
+    errors: dict[str, str] = field(default_factory=dict)
+    not_polled: tuple[str, ...] = ()
+
+
+def poll_fingerprints(
+    client: RDAgentResultsClient,
+    kinds: Sequence[CatalogName] = CATALOGS,
+    *,
+    budget_s: float | None = None,
+    clock: Callable[[], float] | None = None,
+) -> PollResult:
+    """Fetch each catalog once and fingerprint it (there is no ETag/HEAD upstream: a poll is a GET).
+
+    A server that cannot be reached raises :class:`ResultsApiUnavailable` at the first catalog (no
+    point trying the others); an unusable body only marks its own catalog. With ``budget_s``, no new
+    request is started once the budget is spent (the remaining kinds are returned in ``not_polled``).
+    """
+    now = clock or time.monotonic
+    started = now()
+    fingerprints: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for index, kind in enumerate(kinds):
+        if budget_s is not None and now() - started > budget_s:
+            return PollResult(fingerprints, errors, tuple(kinds[index:]))
+        try:
+            fingerprints[kind] = catalog_fingerprint(_fetch_envelope(client, kind))
+        except ResultsApiBadResponse as exc:
+            errors[kind] = str(exc)[:_DETAIL_CHARS]
+    return PollResult(fingerprints, errors)
+
+
+def _fetch_envelope(client: RDAgentResultsClient, kind: CatalogName) -> CatalogResponse | Alpha158Meta | None:
+    if kind == "alpha158":
+        return client.fetch_alpha158_meta()
+    return client.fetch_catalog(kind)
+
+
+# ---------------------------------------------------------------------------------- value coercions
+def sanitize_json(value: Any) -> Any:
+    """Non-finite floats become ``None`` (PostgreSQL's jsonb has no NaN), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): sanitize_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [sanitize_json(v) for v in value]
+    return value
+
+
+def _text(value: Any) -> str | None:
+    """Strings as is; numbers as text (``impl_version`` 20260114 written as a JSON number); else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    return None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return None
+
+
+_DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})(?:$|[ T])")
+
+
+def _date(value: Any) -> date | None:
+    """Qlib segment bounds: ``"2010-01-07"``, ``"2010-01-07 00:00:00"`` or ``"20100107"``."""
+    if not isinstance(value, str):
+        return None
+    match = _DATE.match(value.strip())
+    if not match:
+        return None
+    try:
+        return date(*(int(part) for part in match.groups()))
+    except ValueError:
+        return None
+
+
+def _first(record: dict[str, Any], *names: str) -> Any:
+    """The first of ``names`` whose value is not None."""
+    for name in names:
+        value = record.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+# ------------------------------------------------------------------------------------ loop metrics
+KPI_COLUMNS = ("annualized_return", "max_drawdown", "sharpe", "ic", "icir", "win_rate")
+
+#: Normalised metric leaf name (lower case, alphanumerics only) -> KPI column.
+_KPI_ALIASES: dict[str, str] = {
+    **dict.fromkeys(("annualizedreturn", "annualisedreturn", "annualreturn", "annret", "annualizedret"),
+                    "annualized_return"),
+    **dict.fromkeys(("maxdrawdown", "mdd", "maxdd"), "max_drawdown"),
+    **dict.fromkeys(("sharpe", "sharperatio"), "sharpe"),
+    "ic": "ic",
+    "icir": "icir",
+    **dict.fromkeys(("winrate", "winratio"), "win_rate"),
+}
+#: Top-level record fields of newer servers, per KPI (these win over ``metrics``).
+_KPI_FIELDS: dict[str, tuple[str, ...]] = {
+    "annualized_return": ("annualized_return",),
+    "max_drawdown": ("max_drawdown",),
+    "sharpe": ("sharpe",),
+    "ic": ("ic",),
+    "icir": ("icir", "ic_ir"),
+    "win_rate": ("win_rate",),
+}
+_ARTEFACT_NAME = "Unnamed: 0"
+
+
+def _metric_kpi(name: str) -> tuple[str, int] | None:
+    """KPI column and preference rank for a metric name; lower rank wins.
+
+    Qlib reports ``1day.excess_return_with_cost.*`` and ``1day.excess_return_without_cost.*`` side by
+    side; RD-Agent judges on the with-cost figures, so they rank first, unprefixed names next, any other
+    prefix (without cost, …) last. Only the leaf is matched: ``Rank IC`` is not ``IC``.
+    """
+    parts = name.strip().lower().split(".")
+    kpi = _KPI_ALIASES.get(re.sub(r"[^a-z0-9]", "", parts[-1]))
+    if kpi is None:
+        return None
+    prefix = ".".join(parts[:-1])
+    if not prefix:
+        rank = 1
+    elif "with_cost" in prefix and "without" not in prefix:
+        rank = 0
+    else:
+        rank = 2
+    return kpi, rank
+
+
+def _metric_pairs(metrics: Any) -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` pairs from the shapes RD-Agent exports ``metrics`` in.
+
+    * a plain mapping ``{"ic": 0.03, ...}``;
+    * the pandas artefact of ``qlib_res.csv`` read without an index: one record
+      ``{"Unnamed: 0": "IC", "0": 0.03}``, a list of such records, or the column-oriented
+      ``{"Unnamed: 0": {"0": "IC", ...}, "0": {"0": 0.03, ...}}`` (lists instead of dicts too).
+    """
+    if isinstance(metrics, list):
+        for item in metrics:
+            yield from _metric_pairs(item)
+        return
+    if not isinstance(metrics, dict):
+        return
+    if _ARTEFACT_NAME not in metrics:
+        for name, value in metrics.items():
+            if isinstance(name, str):
+                yield name, value
+        return
+    names = metrics[_ARTEFACT_NAME]
+    value_keys = [k for k in metrics if k != _ARTEFACT_NAME]
+    value_key = "0" if "0" in metrics else (value_keys[0] if len(value_keys) == 1 else None)
+    if value_key is None:
+        return
+    values = metrics[value_key]
+    if isinstance(names, str):
+        yield names, values
+    elif isinstance(names, dict) and isinstance(values, dict):
+        for index, name in names.items():
+            if isinstance(name, str):
+                yield name, values.get(index)
+    elif isinstance(names, list) and isinstance(values, list):
+        for name, value in zip(names, values):
+            if isinstance(name, str):
+                yield name, value
+
+
+def normalise_kpis(record: dict[str, Any]) -> dict[str, float | None]:
+    """The six KPI columns of a loop record: top-level field first, then the best match in ``metrics``."""
+    found: dict[str, tuple[int, float]] = {}
+    for name, value in _metric_pairs(record.get("metrics")):
+        matched = _metric_kpi(name)
+        number = _float(value)
+        if matched is None or number is None:
+            continue
+        kpi, rank = matched
+        if kpi not in found or rank < found[kpi][0]:
+            found[kpi] = (rank, number)
+    result: dict[str, float | None] = {}
+    for kpi in KPI_COLUMNS:
+        top = next((v for v in (_float(record.get(f)) for f in _KPI_FIELDS[kpi]) if v is not None), None)
+        result[kpi] = top if top is not None else (found[kpi][1] if kpi in found else None)
+    return result
+
+
+# ------------------------------------------------------------------------------ record -> row rules
+def _factor_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": r["name"],
+        "source": r["source"],
+        "expression": _text(r.get("expression")),
+        "formula_hint": _text(r.get("formula_hint")),
+        "description_cn": _text(r.get("description_cn")),
+        "tags": r.get("tags"),
+        "region": _text(r.get("region")),
+        "impl_module": _text(r.get("impl_module")),
+        "impl_func": _text(r.get("impl_func")),
+        "impl_version": _text(r.get("impl_version")),
+    }
+
+
+_SEGMENT_NAMES = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
+
+
+def strategy_segments(dataset_config: Any) -> dict[str, date | None]:
+    """``train/valid/test`` start and end from a Qlib ``DatasetH`` config; absent parts are None.
+
+    Qlib nests them as ``dataset.kwargs.segments`` (``{"train": [start, end], ...}``); a flattened
+    ``dataset.segments`` is accepted as well.
+    """
+    out: dict[str, date | None] = {f"{seg}_{edge}": None for seg in _SEGMENT_NAMES for edge in ("start", "end")}
+    if not isinstance(dataset_config, dict):
+        return out
+    kwargs = dataset_config.get("kwargs")
+    segments = kwargs.get("segments") if isinstance(kwargs, dict) else None
+    if not isinstance(segments, dict):
+        segments = dataset_config.get("segments")
+    if not isinstance(segments, dict):
+        return out
+    for seg, aliases in _SEGMENT_NAMES.items():
+        bounds = _first(segments, *aliases)
+        if isinstance(bounds, list) and len(bounds) == 2:
+            out[f"{seg}_start"], out[f"{seg}_end"] = _date(bounds[0]), _date(bounds[1])
+    return out
+
+
+def _strategy_row(r: dict[str, Any]) -> dict[str, Any]:
+    model_config = r.get("model_config")
+    model_class = model_config.get("class") if isinstance(model_config, dict) else None
+    return {
+        "strategy_id": r["strategy_id"],
+        "step_name": _text(r.get("step_name")),
+        "action": _text(r.get("action")),
+        "workspace_example": r.get("workspace_example"),
+        "template_files": r.get("template_files"),
+        "data_config": r.get("data_config"),
+        "dataset_config": r.get("dataset_config"),
+        "portfolio_config": r.get("portfolio_config"),
+        "backtest_config": r.get("backtest_config"),
+        "model_config": model_config,
+        "model_type": _text(model_class),
+        **strategy_segments(r.get("dataset_config")),
+    }
+
+
+def _loop_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task_run_id": r["task_run_id"],
+        "loop_id": r["loop_id"],
+        "workspace_id": r["workspace_id"],
+        "status": _text(r.get("status")),
+        "has_result": _bool(r.get("has_result")),
+        "decision": _bool(r.get("decision")),
+        "factor_names": r.get("factor_names"),
+        "strategy_id": _text(r.get("strategy_id")),
+        "metrics": r.get("metrics"),
+        **normalise_kpis(r),
+        "model_run_id": _text(_first(r, "model_run_id", "mlflow_run_id")),
+        "factor_impl_version": _text(_first(r, "factor_impl_version", "impl_version")),
+        "summary_texts": r.get("summary_texts"),
+        "paths": r.get("paths"),
+    }
+
+
+def _model_row(r: dict[str, Any]) -> dict[str, Any]:
+    model_config = r.get("model_config")
+    model_class = model_config.get("class") if isinstance(model_config, dict) else None
+    return {
+        "model_id": r["model_id"],
+        "task_run_id": _text(r.get("task_run_id")),
+        "loop_id": _int(r.get("loop_id")),
+        "workspace_id": _text(r.get("workspace_id")),
+        "model_type": _text(_first(r, "model_type") or model_class),
+        "model_config": model_config,
+        "dataset_config": r.get("dataset_config"),
+        "feature_schema": r.get("feature_schema"),
+        "model_artifacts": r.get("model_artifacts"),
+    }
+
+
+def _alpha158_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": r["name"],
+        "expression": _text(r.get("expression")),
+        "source": _text(r.get("source")),
+        "region": _text(r.get("region")),
+        "tags": r.get("tags"),
+    }
+
+
+def _artifact_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "artifact_id": r["artifact_id"],
+        "task_run_id": r["task_run_id"],
+        "loop_id": r["loop_id"],
+        "workspace_id": _text(r.get("workspace_id")),
+        "type": _text(r.get("artifact_type")),
+        "name": _text(r.get("name")),
+        "status": _text(r.get("status")),
+        "primary_flag": _bool(r.get("primary_flag")),
+        "entry_path": _text(r.get("entry_path")),
+        "summary": r.get("summary"),
+        "files": r.get("files"),
+    }
+
+
+@dataclass(frozen=True)
+class _Spec:
+    table: Table
+    key: tuple[str, ...]
+    derive: Callable[[dict[str, Any]], dict[str, Any]]
+    lock_id: int
+
+
+_SPECS: dict[str, _Spec] = {
+    "factors": _Spec(rs.factor_registry, ("name", "source"), _factor_row, 1),
+    "strategies": _Spec(rs.strategy_registry, ("strategy_id",), _strategy_row, 2),
+    "loops": _Spec(rs.loop_result, ("task_run_id", "loop_id", "workspace_id"), _loop_row, 3),
+    "models": _Spec(rs.model_registry, ("model_id",), _model_row, 4),
+    "alpha158": _Spec(rs.alpha158_meta, ("name",), _alpha158_row, 5),
+    LOOP_ARTIFACTS: _Spec(rs.loop_artifacts, ("artifact_id",), _artifact_row, 6),
+}
+
+
+def registry_table(kind: str) -> Table:
+    """The table a sync kind writes (``"factors"`` -> ``rdagent.factor_registry``, ...)."""
+    return _SPECS[kind].table
+
+
+# ------------------------------------------------------------------------------------- the upsert
+Key = tuple[Any, ...]
+
+
+@dataclass
+class _Counts:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deactivated: int = 0
+    reactivated: int = 0
+
+
+def merge_duplicates(spec_kind: str, records: Iterable[dict[str, Any]]) -> tuple[dict[Key, dict[str, Any]], int]:
+    """Rows keyed by the table key; for a repeated key the last record wins (see module docstring).
+
+    Returns the rows (in order of each key's first appearance) and how many records were dropped.
+    """
+    spec = _SPECS[spec_kind]
+    rows: dict[Key, dict[str, Any]] = {}
+    received = 0
+    for record in records:
+        received += 1
+        raw = sanitize_json(record)
+        row = {column: sanitize_json(value) for column, value in spec.derive(raw).items()}
+        row["raw"] = raw
+        rows[tuple(row[k] for k in spec.key)] = row
+    return rows, received - len(rows)
+
+
+def _apply(
+    conn: Connection,
+    spec: _Spec,
+    rows: dict[Key, dict[str, Any]],
+    *,
+    now: datetime,
+    generated_at_utc: str | None,
+    scope: ColumnElement[bool],
+) -> _Counts:
+    """Upsert ``rows`` and deactivate the active rows within ``scope`` that are not among them."""
+    table = spec.table
+    key_cols = [table.c[k] for k in spec.key]
+    content = [c.name for c in table.columns if c.name not in rs.TRACKING_COLUMNS]
+    has_generated = "catalog_generated_at_utc" in table.c
+
+    stored: dict[Key, tuple[dict[str, Any], bool]] = {}
+    for row in conn.execute(select(*(table.c[c] for c in content), table.c.active).where(scope)).mappings():
+        stored[tuple(row[k] for k in spec.key)] = ({c: row[c] for c in content}, row["active"])
+
+    counts = _Counts()
+    writes: list[dict[str, Any]] = []
+    for key, row in rows.items():
+        previous = stored.get(key)
+        if previous is None:
+            counts.inserted += 1
+        elif previous[0] == row and previous[1]:
+            counts.unchanged += 1
+            continue
+        else:
+            counts.updated += 1
+            counts.reactivated += not previous[1]
+        tracking = {"active": True, "first_seen_at": now, "changed_at": now, "last_seen_at": now,
+                    "deactivated_at": None}
+        if has_generated:
+            tracking["catalog_generated_at_utc"] = generated_at_utc
+        writes.append({**row, **tracking})
+
+    if writes:
+        stmt = pg_insert(table)
+        refreshed = {c: stmt.excluded[c] for c in writes[0] if c not in spec.key and c != "first_seen_at"}
+        conn.execute(stmt.on_conflict_do_update(index_elements=key_cols, set_=refreshed), writes)
+
+    absent = [key for key, (_, active) in stored.items() if active and key not in rows]
+    for start in range(0, len(absent), _KEYS_PER_STATEMENT):  # stay far below PostgreSQL's 65535 binds
+        conn.execute(
+            update(table)
+            .where(table.c.active, tuple_(*key_cols).in_(absent[start:start + _KEYS_PER_STATEMENT]))
+            .values(active=False, deactivated_at=now)
+        )
+    counts.deactivated = len(absent)
+
+    # After the deactivation the active rows in scope are exactly the ones just received.
+    seen: dict[str, Any] = {"last_seen_at": now}
+    if has_generated:
+        seen["catalog_generated_at_utc"] = generated_at_utc
+    conn.execute(update(table).where(scope, table.c.active, table.c.last_seen_at < now).values(**seen))
+    return counts
+
+
+def _write_state(conn: Connection, stats: SyncStats, *, now: datetime, envelope: dict[str, Any] | None) -> None:
+    values = {
+        "kind": stats.kind,
+        "published": stats.published,
+        "fingerprint": stats.fingerprint,
+        "generated_at_utc": stats.generated_at_utc,
+        "record_count": stats.records,
+        "envelope": sanitize_json(envelope) if envelope is not None else None,
+        "stats": stats.as_dict(),
+        "last_synced_at": now,
+        "last_published_at": now if stats.published else None,
+    }
+    stmt = pg_insert(rs.sync_state).values(**values)
+    refreshed = {c: stmt.excluded[c] for c in values if c not in ("kind", "last_published_at")}
+    if stats.published:
+        refreshed["last_published_at"] = stmt.excluded.last_published_at
+    else:  # keep what was last published, and when
+        for column in ("generated_at_utc", "envelope", "record_count"):
+            refreshed.pop(column)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[rs.sync_state.c.kind], set_=refreshed))
+
+
+def _db_detail(exc: SQLAlchemyError) -> str:
+    """The driver's message (first line), never SQLAlchemy's rendering with bound parameters."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else type(exc).__name__).strip().splitlines()
+    return f"{type(orig or exc).__name__}: {text[0] if text else ''}"[:_DETAIL_CHARS]
+
+
+def _transaction(engine: Engine, kind: str, work: Callable[[Connection, datetime], T]) -> T:
+    """Run ``work`` in one transaction holding the kind's advisory lock; errors roll everything back."""
+    try:
+        rs.ensure_registry_schema(engine)
+        with engine.begin() as conn:
+            conn.execute(select(func.pg_advisory_xact_lock(rs.ADVISORY_LOCK_CLASS, _SPECS[kind].lock_id)))
+            now = conn.execute(select(func.now())).scalar_one()  # one timestamp for the whole sync
+            return work(conn, now)
+    except SQLAlchemyError as exc:
+        raise SyncError(
+            kind,
+            f"sync of {kind} failed in the database ({_db_detail(exc)}); the transaction was rolled back "
+            f"and {registry_table(kind).fullname} keeps its previous rows",
+        ) from exc
+
+
+def _fetch_failed(kind: str, exc: ResultsApiError) -> SyncError:
+    return SyncError(
+        kind,
+        f"sync of {kind} failed while fetching ({exc}); nothing was written, "
+        f"{registry_table(kind).fullname} keeps its previous rows",
+    )
+
+
+# ------------------------------------------------------------------------------------- public API
+def sync_catalog(engine: Engine, client: RDAgentResultsClient, kind: CatalogName) -> SyncStats:
+    """Fetch one catalog and mirror it into its registry table in a single transaction."""
+    if kind not in CATALOGS:
+        raise ValueError(f"unknown catalog {kind!r}; expected one of {', '.join(CATALOGS)}")
+    spec = _SPECS[kind]
+    try:
+        response = _fetch_envelope(client, kind)
+    except ResultsApiError as exc:
+        raise _fetch_failed(kind, exc) from exc
+
+    if response is None:
+        stats = SyncStats(kind=kind, published=False, fingerprint=NOT_PUBLISHED)
+
+        def record_absence(conn: Connection, now: datetime) -> SyncStats:
+            _write_state(conn, stats, now=now, envelope=None)
+            return stats
+
+        log.warning("RD-Agent %s catalog is not published (404); registry rows left as they were", kind)
+        return _transaction(engine, kind, record_absence)
+
+    if isinstance(response, Alpha158Meta):
+        records = [factor.model_dump() for factor in response.factors]
+        envelope = response.model_dump(exclude={"factors", "sha256", "generated_at_utc"})
+    else:
+        records = response.records
+        envelope = {"version": response.version, "source": response.source, **response.envelope_extra}
+    rows, duplicates = merge_duplicates(kind, records)
+
+    def write(conn: Connection, now: datetime) -> SyncStats:
+        counts = _apply(conn, spec, rows, now=now, generated_at_utc=response.generated_at_utc, scope=true())
+        stats = SyncStats(
+            kind=kind,
+            published=True,
+            fingerprint=catalog_fingerprint(response),
+            generated_at_utc=response.generated_at_utc,
+            records=len(records),
+            duplicates_merged=duplicates,
+            **asdict(counts),
+        )
+        _write_state(conn, stats, now=now, envelope=envelope)
+        return stats
+
+    stats = _transaction(engine, kind, write)
+    log.info("RD-Agent %s synced: %s", kind, {k: v for k, v in stats.as_dict().items() if isinstance(v, int)})
+    return stats
+
+
+def active_loops(engine: Engine) -> list[tuple[str, int]]:
+    """Distinct ``(task_run_id, loop_id)`` of the active ``loop_result`` rows, sorted."""
+    rs.ensure_registry_schema(engine)
+    t = rs.loop_result
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(t.c.task_run_id, t.c.loop_id).where(t.c.active).distinct().order_by(t.c.task_run_id, t.c.loop_id)
+        ).all()
+    return [(row.task_run_id, row.loop_id) for row in rows]
+
+
+def sync_loop_artifacts(
+    engine: Engine,
+    client: RDAgentResultsClient,
+    loops: Sequence[tuple[str, int]] | None = None,
+) -> SyncStats:
+    """Fetch ``/loops/{task_run_id}/{loop_id}/artifacts`` per loop and mirror them into ``loop_artifacts``.
+
+    ``loops=None`` means every active loop of ``loop_result`` (a full sync: artifacts of loops that are
+    no longer active are deactivated too); an explicit list only touches those loops' artifacts. All
+    loops are fetched before the single transaction starts; one failing loop fails the whole sync.
+    """
+    full = loops is None
+    wanted = active_loops(engine) if loops is None else list(dict.fromkeys(loops))
+    for task_run_id, loop_id in wanted:
+        if not isinstance(task_run_id, str) or isinstance(loop_id, bool) or not isinstance(loop_id, int):
+            raise SyncError(
+                LOOP_ARTIFACTS,
+                f"loop ids must be (str task_run_id, int loop_id), got ({task_run_id!r}, {loop_id!r}); "
+                "nothing was fetched or written",
+            )
+
+    records: list[dict[str, Any]] = []
+    digests: list[str] = []
+    for task_run_id, loop_id in wanted:
+        try:
+            answer = client.fetch_loop_artifacts(task_run_id, loop_id)
+        except ResultsApiError as exc:
+            raise _fetch_failed(LOOP_ARTIFACTS, exc) from exc
+        if (answer.task_run_id, answer.loop_id) != (task_run_id, loop_id):
+            raise SyncError(
+                LOOP_ARTIFACTS,
+                f"artifacts asked for loop ({task_run_id}, {loop_id}) came back labelled "
+                f"({answer.task_run_id}, {answer.loop_id}); nothing was written — check the results API",
+            )
+        digests.append(f"{task_run_id}/{loop_id}:{answer.sha256}")
+        for artifact in answer.artifacts:
+            records.append({**artifact.model_dump(), "task_run_id": task_run_id, "loop_id": loop_id})
+
+    rows, duplicates = merge_duplicates(LOOP_ARTIFACTS, records)
+    fingerprint = "sha256:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+    t = rs.loop_artifacts
+    if full:
+        scope: ColumnElement[bool] = true()
+    elif wanted:
+        scope = tuple_(t.c.task_run_id, t.c.loop_id).in_(wanted)
+    else:
+        scope = false()
+
+    def write(conn: Connection, now: datetime) -> SyncStats:
+        counts = _apply(conn, _SPECS[LOOP_ARTIFACTS], rows, now=now, generated_at_utc=None, scope=scope)
+        stats = SyncStats(
+            kind=LOOP_ARTIFACTS,
+            published=True,
+            fingerprint=fingerprint,
+            records=len(records),
+            duplicates_merged=duplicates,
+            **asdict(counts),
+        )
+        _write_state(conn, stats, now=now, envelope={"loops": len(wanted), "full": full})
+        return stats
+
+    return _transaction(engine, LOOP_ARTIFACTS, write)
+
+
+def sync_all(engine: Engine, client: RDAgentResultsClient, kinds: Iterable[str] | None = None) -> dict[str, SyncStats]:
+    """Sync several kinds (default: every catalog, then loop artifacts), each in its own transaction.
+
+    A failing kind does not stop the others; the committed results and every error are then raised
+    together as :class:`SyncAllError`.
+    """
+    selected = set(SYNC_KINDS if kinds is None else kinds)
+    unknown = selected - set(SYNC_KINDS)
+    if unknown:
+        raise ValueError(f"unknown sync kinds {sorted(unknown)}; expected some of {', '.join(SYNC_KINDS)}")
+    results: dict[str, SyncStats] = {}
+    errors: dict[str, SyncError] = {}
+    for kind in SYNC_KINDS:
+        if kind not in selected:
+            continue
+        try:
+            if kind == LOOP_ARTIFACTS:
+                results[kind] = sync_loop_artifacts(engine, client)
+            else:
+                results[kind] = sync_catalog(engine, client, kind)  # type: ignore[arg-type]
+        except SyncError as exc:
+            log.error("RD-Agent sync of %s failed: %s", kind, exc)
+            errors[kind] = exc
+    if errors:
+        raise SyncAllError(results, errors)
+    return results
