@@ -48,6 +48,7 @@ from aistock_pipelines.rdagent.results_client import (
     RDAgentResultsClient,
     ResultsApiBadResponse,
     ResultsApiError,
+    ResultsApiUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -530,15 +531,20 @@ def _apply(
     generated_at_utc: str | None,
     scope: ColumnElement[bool],
 ) -> _Counts:
-    """Upsert ``rows`` and deactivate the active rows within ``scope`` that are not among them."""
+    """Upsert ``rows`` and deactivate the active rows within ``scope`` that are not among them.
+
+    The whole table is read (registries hold thousands of rows, not millions) so that a received row
+    stored outside ``scope`` — an artifact now reported under another loop — counts as an update.
+    """
     table = spec.table
     key_cols = [table.c[k] for k in spec.key]
     content = [c.name for c in table.columns if c.name not in rs.TRACKING_COLUMNS]
     has_generated = "catalog_generated_at_utc" in table.c
 
-    stored: dict[Key, tuple[dict[str, Any], bool]] = {}
-    for row in conn.execute(select(*(table.c[c] for c in content), table.c.active).where(scope)).mappings():
-        stored[tuple(row[k] for k in spec.key)] = ({c: row[c] for c in content}, row["active"])
+    stored: dict[Key, tuple[dict[str, Any], bool, bool]] = {}
+    query = select(*(table.c[c] for c in content), table.c.active, scope.label("in_scope"))
+    for row in conn.execute(query).mappings():
+        stored[tuple(row[k] for k in spec.key)] = ({c: row[c] for c in content}, row["active"], row["in_scope"])
 
     counts = _Counts()
     writes: list[dict[str, Any]] = []
@@ -563,7 +569,7 @@ def _apply(
         refreshed = {c: stmt.excluded[c] for c in writes[0] if c not in spec.key and c != "first_seen_at"}
         conn.execute(stmt.on_conflict_do_update(index_elements=key_cols, set_=refreshed), writes)
 
-    absent = [key for key, (_, active) in stored.items() if active and key not in rows]
+    absent = [key for key, (_, active, in_scope) in stored.items() if active and in_scope and key not in rows]
     for start in range(0, len(absent), _KEYS_PER_STATEMENT):  # stay far below PostgreSQL's 65535 binds
         conn.execute(
             update(table)
@@ -704,7 +710,11 @@ def sync_loop_artifacts(
     loops are fetched before the single transaction starts; one failing loop fails the whole sync.
     """
     full = loops is None
-    wanted = active_loops(engine) if loops is None else list(dict.fromkeys(loops))
+    try:
+        wanted = active_loops(engine) if loops is None else list(dict.fromkeys(loops))
+    except SQLAlchemyError as exc:
+        raise SyncError(LOOP_ARTIFACTS, f"could not read the active loops ({_db_detail(exc)}); nothing was "
+                                        "fetched or written") from exc
     for task_run_id, loop_id in wanted:
         if not isinstance(task_run_id, str) or isinstance(loop_id, bool) or not isinstance(loop_id, int):
             raise SyncError(
@@ -759,8 +769,9 @@ def sync_loop_artifacts(
 def sync_all(engine: Engine, client: RDAgentResultsClient, kinds: Iterable[str] | None = None) -> dict[str, SyncStats]:
     """Sync several kinds (default: every catalog, then loop artifacts), each in its own transaction.
 
-    A failing kind does not stop the others; the committed results and every error are then raised
-    together as :class:`SyncAllError`.
+    A failing kind does not stop the others (their commits stand), except that once the server is
+    unreachable the remaining kinds are not attempted; the committed results and every error are then
+    raised together as :class:`SyncAllError`.
     """
     selected = set(SYNC_KINDS if kinds is None else kinds)
     unknown = selected - set(SYNC_KINDS)
@@ -768,8 +779,13 @@ def sync_all(engine: Engine, client: RDAgentResultsClient, kinds: Iterable[str] 
         raise ValueError(f"unknown sync kinds {sorted(unknown)}; expected some of {', '.join(SYNC_KINDS)}")
     results: dict[str, SyncStats] = {}
     errors: dict[str, SyncError] = {}
+    unreachable: SyncError | None = None
     for kind in SYNC_KINDS:
         if kind not in selected:
+            continue
+        if unreachable is not None:
+            errors[kind] = SyncError(kind, f"sync of {kind} not attempted: the results API was unreachable "
+                                           f"during the {unreachable.kind} sync")
             continue
         try:
             if kind == LOOP_ARTIFACTS:
@@ -779,6 +795,8 @@ def sync_all(engine: Engine, client: RDAgentResultsClient, kinds: Iterable[str] 
         except SyncError as exc:
             log.error("RD-Agent sync of %s failed: %s", kind, exc)
             errors[kind] = exc
+            if isinstance(exc.__cause__, ResultsApiUnavailable):
+                unreachable = exc
     if errors:
         raise SyncAllError(results, errors)
     return results

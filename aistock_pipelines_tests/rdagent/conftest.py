@@ -5,7 +5,8 @@
 * ``results_dir`` + ``start_server``: a private copy and server for tests that edit files.
 * ``closed_port_url``: a loopback port nobody listens on.
 * ``fake_api``: a routed misbehaving server (``http.server.ThreadingHTTPServer``) for the sync tests.
-* ``registry_engine``: an engine on a fresh, empty database of the session's PostgreSQL server.
+* ``registry_engine``: an engine on the session's registry database, emptied (no ``rdagent`` schema)
+  before each test.
 
 The scripted (request-order) misbehaving server lives next to the client tests, its only user.
 """
@@ -26,7 +27,6 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import create_db_engine
-
 from aistock_pipelines.demo.rdagent_results_builder import build_demo_results_dir
 from aistock_pipelines.rdagent.results_server import serve_in_thread
 

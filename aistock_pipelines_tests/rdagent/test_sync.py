@@ -245,7 +245,10 @@ def _edit(path: Path, change) -> None:
     path.write_text(json.dumps(payload), encoding="utf-8")
 
 
-def test_deactivate_update_and_reactivate(registry_engine: Engine, results_dir: Path, start_server) -> None:
+def test_deactivate_update_and_reactivate(
+    registry_engine: Engine, results_dir: Path, start_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sync, "_KEYS_PER_STATEMENT", 1)  # exercise the chunked deactivation
     base_url = start_server(results_dir)
     loop_file = results_dir / "aistock" / "loop_catalog.json"
     original = loop_file.read_text(encoding="utf-8")
@@ -339,8 +342,10 @@ def test_server_down_leaves_previous_rows(synced: Engine, closed_port_url: str) 
     with client_for(closed_port_url) as client:
         with pytest.raises(SyncAllError) as caught:
             sync_all(synced, client)
-    assert set(caught.value.errors) == set(sync.SYNC_KINDS)  # every kind tried, none committed
+    assert set(caught.value.errors) == set(sync.SYNC_KINDS)  # none committed
     assert "ConnectError" in str(caught.value.errors["factors"])
+    assert "not attempted: the results API was unreachable during the factors sync" in str(
+        caught.value.errors["loop_artifacts"])
     assert caught.value.results == {}
     assert everything(synced) == before
 
@@ -509,12 +514,19 @@ def test_fingerprints_and_poll(demo_server: str, fake_api) -> None:
 
 
 def test_explicit_loops_only_touch_their_artifacts(synced: Engine, fake_api) -> None:
-    api = fake_api({f"/loops/{RUN_TS}/3/artifacts": {"task_run_id": RUN_TS, "loop_id": 3, "artifacts": []}})
+    moved = {"artifact_id": "art-a-model", "artifact_type": "model", "name": "LGBModel", "status": "present",
+             "primary_flag": False, "entry_path": "mlruns", "summary": {}, "files": []}
+    api = fake_api({f"/loops/{RUN_TS}/3/artifacts": {"task_run_id": RUN_TS, "loop_id": 3, "artifacts": [moved]}})
     with client_for(api.base_url) as client:
         stats = sync_loop_artifacts(synced, client, loops=[(RUN_TS, 3)])
-    assert (stats.deactivated, stats.records, stats.inserted) == (3, 0, 0)
-    active = {r["artifact_id"] for r in rows(synced, rs.loop_artifacts) if r["active"]}
-    assert active == {"art-a-report", "art-a-factor-meta", "art-a-model", "art-b-feedback"}
+    # art-a-model was stored under another loop: an update, not an insert; RUN_TS/3's own three are gone
+    assert (stats.records, stats.inserted, stats.updated, stats.deactivated) == (1, 0, 1, 3)
+    stored = {r["artifact_id"]: r for r in rows(synced, rs.loop_artifacts)}
+    assert {a for a, r in stored.items() if r["active"]} == {
+        "art-a-report", "art-a-factor-meta", "art-a-model", "art-b-feedback",
+    }
+    assert (stored["art-a-model"]["task_run_id"], stored["art-a-model"]["loop_id"]) == (RUN_TS, 3)
+    assert stored["art-a-report"]["loop_id"] == 1  # other loops untouched
 
 
 def test_unknown_kinds_are_programming_errors(registry_engine: Engine, demo_server: str) -> None:
