@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aistock_pipelines.export.mapping import quote_table
 from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
 from aistock_pipelines.export.reader import DBReader, ReadSession, add_change, check_codes
 from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotOptions, SnapshotWriter, check_snapshot_id
@@ -108,6 +109,7 @@ class QlibDailyExporter:
         self.reader = reader
         self.writer = writer
         self.meta = meta
+        self._readers: dict[tuple[str, ...], DBReader] = {}
 
     # ------------------------------------------------------------------------------------ public
 
@@ -138,7 +140,7 @@ class QlibDailyExporter:
             options = options or SnapshotOptions.from_json(meta["options"])
             universe = ts_codes if ts_codes is not None else meta["universe"]
             snap_start = start or date.fromisoformat(meta["start"])
-            mapping = self._resolved(options)
+            mapping = self._reader_for(options).resolved
             decl = declaration_hash(snap_start, universe, options, mapping.fingerprint())
             if decl != meta.get("declaration_hash"):
                 prev_end = date.fromisoformat(meta["end"])
@@ -147,21 +149,16 @@ class QlibDailyExporter:
 
     # ---------------------------------------------------------------------------------- internals
 
-    def _resolved(self, options: SnapshotOptions):
-        reader = self._reader_for(options)
-        return reader.resolved
-
     def _reader_for(self, options: SnapshotOptions) -> DBReader:
         if options.factor_tables is None:
             return self.reader
         key = options.factor_tables
-        cache = self.__dict__.setdefault("_readers", {})
-        if key not in cache:
-            cache[key] = DBReader(self.reader.engine, self.reader.mapping.select(list(key)), self.reader._url)
-        return cache[key]
+        if key not in self._readers:
+            self._readers[key] = DBReader(self.reader.engine, self.reader.mapping.select(list(key)), self.reader._url)
+        return self._readers[key]
 
     def _effective_end(self, s: ReadSession, start: date, end: date | None) -> tuple[date, list[date]]:
-        last_bar = s._arrow(f"SELECT max(trade_date) FROM {_q(s)} WHERE trade_date <= $1",
+        last_bar = s._arrow(f"SELECT max(trade_date) FROM {quote_table(s.resolved.mapping.bars_table)} WHERE trade_date <= $1",
                             (end or date(2999, 12, 31),)).column(0)[0].as_py()
         if last_bar is None:
             raise DataNotReady(f"no bars on or before {end} in {s.resolved.mapping.bars_table}")
@@ -290,8 +287,3 @@ def _restated(sums: pd.DataFrame, stored: dict[str, InstrumentState]) -> set[str
     out |= set(stored) - set(sums.index)
     return out
 
-
-def _q(s: ReadSession) -> str:
-    from aistock_pipelines.export.mapping import quote_table
-
-    return quote_table(s.resolved.mapping.bars_table)
