@@ -19,6 +19,10 @@ from aistock_pipelines.settings import ENV_VARS, Settings
 
 log = logging.getLogger("aistock_pipelines")
 
+#: ``aistock-pipelines rdagent sync`` kinds (as :data:`aistock_pipelines.rdagent.sync.SYNC_KINDS`, kept
+#: literal so ``--help`` does not import the sync stack).
+SYNC_KIND_CHOICES = ("factors", "strategies", "loops", "models", "alpha158", "loop_artifacts")
+
 
 def _settings() -> Settings:
     return Settings.from_env()
@@ -82,6 +86,101 @@ def cmd_demo_run(args: argparse.Namespace) -> int:
     return run_demo(_settings(), serve=serve, reseed=args.reseed, port=args.port)
 
 
+# ------------------------------------------------------------------------------------------ snapshots
+
+
+def snapshot_rows(settings: Settings) -> list[dict[str, object]]:
+    """Declared snapshots and snapshots on disk (ad-hoc ones too), with their exported state."""
+    from aistock_pipelines.export.snapshot_writer import SnapshotWriter
+    from aistock_pipelines.snapshot_config import load_snapshots_file
+
+    writer = SnapshotWriter(settings.snapshot_root)
+    declared = {d.id: d for d in load_snapshots_file(settings.snapshots_file).snapshots}
+    rows = []
+    for snapshot_id in sorted(set(declared) | set(writer.list_ids())):
+        meta = writer.read_meta(snapshot_id) or {}
+        rows.append({
+            "id": snapshot_id,
+            "declared": snapshot_id in declared,
+            "start": meta.get("start", ""),
+            "end": meta.get("end", ""),
+            "instruments": meta.get("instrument_count", ""),
+            "rows": meta.get("row_count", ""),
+            "fields": len(meta.get("columns", [])) or "",
+            "as_of": meta.get("as_of", "not exported"),
+        })
+    return rows
+
+
+def cmd_snapshots_list(args: argparse.Namespace) -> int:
+    rows = snapshot_rows(_settings())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ["id", "declared", "start", "end", "instruments", "rows", "fields", "as_of"]
+    table = [header] + [[str(row[h]) for h in header] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+    return 0
+
+
+def cmd_snapshots_show(args: argparse.Namespace) -> int:
+    from aistock_pipelines.export.snapshot_writer import SnapshotWriter
+
+    settings = _settings()
+    writer = SnapshotWriter(settings.snapshot_root)
+    meta = writer.read_meta(args.snapshot_id)
+    if meta is None:
+        print(f"no exported snapshot {args.snapshot_id!r} under {settings.snapshot_root} "
+              f"(see `aistock-pipelines snapshots list`)", file=sys.stderr)
+        return 1
+    print(json.dumps({"path": str(writer.path(args.snapshot_id).resolve()), **meta}, indent=2, default=str))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- rdagent
+
+
+def cmd_rdagent_serve(args: argparse.Namespace) -> int:
+    from aistock_pipelines.rdagent.results_server import serve
+
+    results_dir = args.results_dir
+    if results_dir is None:
+        from aistock_pipelines.demo.rdagent_results_builder import build_demo_results_dir
+
+        results_dir = build_demo_results_dir(_settings().home / "rdagent_results")
+        print(f"serving the demo results directory {results_dir}")
+    serve(results_dir, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_rdagent_sync(args: argparse.Namespace) -> int:
+    from aistock_pipelines.db import create_db_engine, resolve_db_url
+    from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
+    from aistock_pipelines.rdagent.sync import SyncAllError, sync_all
+
+    unknown = sorted(set(args.kinds) - set(SYNC_KIND_CHOICES))
+    if unknown:
+        print(f"unknown kinds {', '.join(unknown)}; choose from {', '.join(SYNC_KIND_CHOICES)}", file=sys.stderr)
+        return 2
+    settings = _settings()
+    engine = create_db_engine(resolve_db_url(settings))
+    try:
+        with RDAgentResultsClient(settings.rdagent_results_url) as client:
+            results = sync_all(engine, client, args.kinds or None)
+    except SyncAllError as exc:
+        results = exc.results
+        for kind, error in exc.errors.items():
+            print(f"{kind}: FAILED: {error}", file=sys.stderr)
+    finally:
+        engine.dispose()
+    for kind, stats in results.items():
+        print(f"{kind}: inserted {stats.inserted}, updated {stats.updated}, unchanged {stats.unchanged}, "
+              f"deactivated {stats.deactivated}")
+    return 1 if len(results) < len(args.kinds or SYNC_KIND_CHOICES) else 0
+
+
 # ------------------------------------------------------------------------------------------- settings
 
 
@@ -128,6 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=3000)
     run.set_defaults(func=cmd_demo_run)
 
+    snapshots = sub.add_parser("snapshots", help="exported snapshots (read-only)")
+    snapshots_sub = snapshots.add_subparsers(dest="snapshots_command", required=True)
+    listing = snapshots_sub.add_parser("list", help="declared and exported snapshots: range, size, fields, as-of")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_snapshots_list)
+    show = snapshots_sub.add_parser("show", help="one snapshot's meta.json and path")
+    show.add_argument("snapshot_id")
+    show.set_defaults(func=cmd_snapshots_show)
+
+    rdagent = sub.add_parser("rdagent", help="RD-Agent results API: serve a results directory, sync into AIstock")
+    rdagent_sub = rdagent.add_subparsers(dest="rdagent_command", required=True)
+    serve = rdagent_sub.add_parser("serve", help="serve an RD-Agent results directory read-only (default: the demo's)")
+    serve.add_argument("results_dir", nargs="?", type=Path, help="directory holding aistock/*.json and registry.sqlite")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=9000)
+    serve.set_defaults(func=cmd_rdagent_serve)
+    sync = rdagent_sub.add_parser("sync", help="sync the catalogs at RDAGENT_RESULTS_URL into the AIstock registry")
+    sync.add_argument("kinds", nargs="*", metavar="KIND", help=f"some of {', '.join(SYNC_KIND_CHOICES)} (default: all)")
+    sync.set_defaults(func=cmd_rdagent_sync)
+
     settings = sub.add_parser("settings", help="print every environment setting and its value")
     settings.set_defaults(func=cmd_settings)
     return parser
@@ -135,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("numexpr").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

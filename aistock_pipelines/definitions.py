@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dagster import Definitions
+from dagster import DefaultSensorStatus, Definitions
 
 from aistock_pipelines.orchestration.schedules import post_close_schedules, snapshot_jobs
 from aistock_pipelines.orchestration.snapshot_assets import snapshot_assets
+from aistock_pipelines.rdagent.dagster_assets import rdagent_definitions
 from aistock_pipelines.resources import resources_for
 from aistock_pipelines.settings import Settings
 from aistock_pipelines.snapshot_config import load_snapshots_file
@@ -14,12 +15,15 @@ from aistock_pipelines.snapshot_config import load_snapshots_file
 def build_definitions(settings: Settings) -> Definitions:
     config = load_snapshots_file(settings.snapshots_file)
     jobs = snapshot_jobs(config)
-    return Definitions(
+    snapshots = Definitions(
         assets=snapshot_assets(config),
         jobs=jobs,
         schedules=post_close_schedules(config, jobs),
         resources=resources_for(settings),
     )
+    # The results sensor runs by default: with no RD-Agent server it only records a skip with the reason.
+    rdagent = rdagent_definitions(factor_packages=settings.factor_packages, sensor_status=DefaultSensorStatus.RUNNING)
+    return Definitions.merge(snapshots, rdagent)
 
 
 defs = build_definitions(Settings.from_env())

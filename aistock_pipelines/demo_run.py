@@ -11,11 +11,15 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import ExitStack
+from datetime import date
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
 from aistock_pipelines.db import create_db_engine, redact, resolve_db_url
+from aistock_pipelines.rdagent.factor_impl import DEMO_FACTOR_PACKAGES
 from aistock_pipelines.settings import PACKAGE_DIR, Settings
 
 log = logging.getLogger(__name__)
@@ -77,29 +81,84 @@ def run_demo(settings: Settings, serve: bool = True, reseed: bool = False, port:
     dagster_home = prepare_dagster_home(settings)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     os.environ.setdefault("AISTOCK_HOME", str(settings.home))
+    # The demo's factor pointers name ``rd_factors_lib``; answer them from the bundled demo copy.
+    os.environ.setdefault("AISTOCK_FACTOR_PACKAGES", ",".join(DEMO_FACTOR_PACKAGES))
     ensure_demo_market(settings, reseed)
-    for step in demo_steps():
-        step(settings)
-    if not serve:
-        log.info("demo ready (not serving: --no-serve / AISTOCK_DEMO_NO_SERVE)")
-        return 0
-    log.info("serving the Dagster UI on http://127.0.0.1:%s (Ctrl-C to stop)", port)
-    cmd = [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port), *_workspace_args()]
+    with ExitStack() as stack:
+        # The results API must outlive the steps: ``dagster dev`` below polls it with the sensor.
+        os.environ["RDAGENT_RESULTS_URL"] = ensure_results_api(settings, stack)
+        settings = Settings.from_env()
+        for step in demo_steps():
+            step(settings)
+        if not serve:
+            log.info("demo ready (not serving: --no-serve / AISTOCK_DEMO_NO_SERVE)")
+            return 0
+        log.info("serving the Dagster UI on http://127.0.0.1:%s (Ctrl-C to stop)", port)
+        cmd = [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port), *_workspace_args()]
+        try:
+            return subprocess.call(cmd, cwd=PACKAGE_DIR.parent)
+        except KeyboardInterrupt:
+            return 0
+
+
+def ensure_results_api(settings: Settings, stack: ExitStack) -> str:
+    """The RD-Agent results API the demo syncs from: an existing one at ``RDAGENT_RESULTS_URL`` if it
+    answers, otherwise the demo results directory served from this process (at that address when it is
+    local and free, else on an ephemeral local port)."""
+    from aistock_pipelines.demo.rdagent_results_builder import build_demo_results_dir
+    from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
+    from aistock_pipelines.rdagent.results_server import serve_in_thread
+
+    url = settings.rdagent_results_url
+    with RDAgentResultsClient(url, connect_timeout=1.0, read_timeout=2.0, retries=0) as client:
+        if client.health():
+            log.info("using the RD-Agent results API already answering at %s", url)
+            return url
+    results_dir = build_demo_results_dir(settings.home / "rdagent_results")
+    parts = urlsplit(url)
+    local = parts.hostname in ("127.0.0.1", "localhost")
     try:
-        return subprocess.call(cmd, cwd=PACKAGE_DIR.parent)
-    except KeyboardInterrupt:
-        return 0
+        served = stack.enter_context(serve_in_thread(results_dir, "127.0.0.1", (parts.port or 80) if local else 0))
+    except OSError:  # the configured port is taken by something that is not a results API
+        served = stack.enter_context(serve_in_thread(results_dir, "127.0.0.1", 0))
+    log.info("serving the demo RD-Agent results (%s) at %s", results_dir, served)
+    return served
+
+
+def sync_demo_rdagent_results(settings: Settings) -> None:
+    """Run ``rdagent_sync_job`` once (recorded in the demo instance), so the registries are filled
+    before the UI opens; afterwards ``rdagent_results_sensor`` syncs whatever changes."""
+    from dagster import DagsterInstance
+
+    from aistock_pipelines.definitions import build_definitions
+    from aistock_pipelines.rdagent.dagster_assets import JOB_NAME
+
+    job = build_definitions(settings).resolve_job_def(JOB_NAME)
+    result = job.execute_in_process(instance=DagsterInstance.get(), raise_on_error=False)
+    if not result.success:
+        raise RuntimeError(f"{JOB_NAME} failed against {settings.rdagent_results_url}; see the run in the Dagster UI")
+    for event in result.get_asset_materialization_events():
+        meta = event.materialization.metadata
+        log.info("%s: inserted %s, updated %s, unchanged %s, deactivated %s", event.asset_key.to_user_string(),
+                 *(meta[k].value for k in ("inserted", "updated", "unchanged", "deactivated")))
 
 
 def materialize_demo_snapshots(settings: Settings) -> None:
-    """Backfill every declared snapshot over its whole span, one run each, recorded in the demo instance."""
+    """Bring every declared snapshot up to date through Dagster, one run each, recorded in the demo instance.
+
+    A snapshot not yet exported is backfilled over its whole span (the full export); an exported one gets
+    the partition range from its last exported day to the database's last day, i.e. an incremental export
+    that also catches restatements and declaration changes (a few seconds instead of a full rebuild).
+    """
     from dagster import DagsterInstance, materialize
 
     from aistock_pipelines.definitions import build_definitions
+    from aistock_pipelines.export.snapshot_writer import SnapshotWriter
     from aistock_pipelines.snapshot_config import load_snapshots_file
 
     config = load_snapshots_file(settings.snapshots_file)
     defs = build_definitions(settings)
+    writer = SnapshotWriter(settings.snapshot_root)
     engine = create_db_engine(resolve_db_url(settings))
     with engine.connect() as conn:
         last = conn.execute(sa.text("SELECT max(trade_date) FROM market.kline_daily_qfq")).scalar()
@@ -107,16 +166,18 @@ def materialize_demo_snapshots(settings: Settings) -> None:
     instance = DagsterInstance.get()
     for decl in config.snapshots:
         end = min(decl.end or last, last)
+        meta = writer.read_meta(decl.id) or {}
+        start = max(decl.start, min(date.fromisoformat(meta["end"]), end)) if meta.get("end") else decl.start
         asset = defs.get_assets_def(["snapshots", decl.id])
-        log.info("materializing snapshots/%s over %s..%s", decl.id, decl.start, end)
+        log.info("materializing snapshots/%s over %s..%s", decl.id, start, end)
         result = materialize([asset], instance=instance, resources=defs.resources, tags={
-            "dagster/asset_partition_range_start": decl.start.isoformat(),
+            "dagster/asset_partition_range_start": start.isoformat(),
             "dagster/asset_partition_range_end": end.isoformat()})
         if not result.success:
             raise RuntimeError(f"materializing snapshots/{decl.id} failed; see the run in the Dagster UI")
-        log.info("snapshot %s ready at %s", decl.id, settings.snapshot_root / decl.id)
+        log.info("snapshot %s ready at %s", decl.id, writer.path(decl.id))
 
 
 def demo_steps() -> list:
     """The demo's steps after the market is seeded, in order."""
-    return [materialize_demo_snapshots]
+    return [sync_demo_rdagent_results, materialize_demo_snapshots]

@@ -24,7 +24,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "AISTOCK_SNAPSHOT_ROOT": ("`$AISTOCK_HOME/snapshots`", "directory holding one folder per snapshot"),
     "AISTOCK_SNAPSHOTS_FILE": ("packaged `demo/snapshots.yaml`", "YAML file declaring the snapshots"),
     "RDAGENT_RESULTS_URL": ("`http://127.0.0.1:9000`", "RD-Agent read-only results API"),
-    "AISTOCK_FACTOR_PACKAGES": ("`rd_factors_lib`", "comma-separated module prefixes factor pointers may import"),
+    "AISTOCK_FACTOR_PACKAGES": ("`rd_factors_lib` (the demo run: the bundled copy)",
+                                "comma-separated packages factor pointers may import: `prefix` or "
+                                "`prefix=importable.package` (e.g. `rd_factors_lib=aistock_pipelines.demo.rd_factors_lib`)"),
     "AISTOCK_TEST_DB_URL": ("unset = embedded", "tests only: run the database tests against this server"),
 }
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dagster import Definitions
+from dagster import AssetKey, DefaultSensorStatus, Definitions
 
 from aistock_pipelines.definitions import defs
 
@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 def test_definitions_are_loadable():
     Definitions.validate_loadable(defs)
     assert set(defs.resources) >= {"aistock_db", "snapshot_store", "rdagent_api"}
+
+
+def test_code_location_holds_snapshots_and_rdagent_sync():
+    repo = defs.get_repository_def()
+    keys = {key.to_user_string() for key in repo.asset_graph.get_all_asset_keys()}
+    assert {"snapshots/demo_allA", "snapshots/demo_qlib", "rdagent/factor_catalog", "rdagent/strategy_catalog",
+            "rdagent/loop_catalog", "rdagent/model_catalog", "rdagent/alpha158_meta", "rdagent/loop_artifacts"} <= keys
+    sensor = repo.get_sensor_def("rdagent_results_sensor")
+    assert sensor.default_status == DefaultSensorStatus.RUNNING
+    assert repo.has_job("rdagent_sync_job") and repo.has_job("snapshot_demo_allA_job")
+    checks = {k.name for k in repo.asset_graph.asset_check_keys if k.asset_key == AssetKey(["rdagent", "factor_catalog"])}
+    assert "factor_package_aligned" in checks
 
 
 def test_dagster_cli_validates_the_workspace(tmp_path: Path):

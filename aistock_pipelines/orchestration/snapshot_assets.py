@@ -9,6 +9,7 @@ runs never write one snapshot (the exporter's file lock is the second line of de
 """
 
 
+import warnings
 from datetime import date, timedelta
 
 import pandas as pd
@@ -16,6 +17,7 @@ from dagster import (
     AssetExecutionContext,
     AssetsDefinition,
     Backoff,
+    BetaWarning,
     BackfillPolicy,
     DailyPartitionsDefinition,
     Failure,
@@ -34,6 +36,8 @@ from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
 TIMEZONE = "Asia/Shanghai"
+# Single-run backfills are the point of these assets; the beta notice would only repeat at every load.
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 #: Transient failures (database restarts, a day not loaded yet) retry; bad data and bad config do not.
 SNAPSHOT_RETRY = RetryPolicy(max_retries=3, delay=120, backoff=Backoff.EXPONENTIAL)
 
