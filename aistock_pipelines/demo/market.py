@@ -130,7 +130,8 @@ def _instrument_frames(code: str, days: pd.DatetimeIndex, spec: MarketSpec, rng:
     if rng.random() < spec.ipo_fraction and n_days > 200:
         first = int(rng.integers(20, n_days - 120))
     last = n_days - 1
-    if rng.random() < spec.delist_fraction and n_days > 300:
+    if rng.random() < spec.delist_fraction and n_days > 300 and max(first + 100, 150) < n_days - 30:
+        # (an IPO in the last ~130 days is not also delisted: it would not have 100 trading days)
         last = int(rng.integers(max(first + 100, 150), n_days - 30))
     active = np.zeros(n_days, dtype=bool)
     active[first : last + 1] = True

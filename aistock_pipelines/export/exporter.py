@@ -154,7 +154,7 @@ class QlibDailyExporter:
             return self.reader
         key = options.factor_tables
         if key not in self._readers:
-            self._readers[key] = DBReader(self.reader.engine, self.reader.mapping.select(list(key)), self.reader._url)
+            self._readers[key] = self.reader.select(list(key))
         return self._readers[key]
 
     def _effective_end(self, s: ReadSession, start: date, end: date | None) -> tuple[date, list[date]]:
@@ -184,6 +184,10 @@ class QlibDailyExporter:
             read_s = time.perf_counter() - t
             sums = s.checksums(start, None, end, universe)
             rows_read = s.rows_read
+        if frame.empty:
+            which = f"codes {universe[:10]}{'…' if len(universe) > 10 else ''}" if universe else "any instrument"
+            raise SnapshotError(f"snapshot {snapshot_id}: no bars for {which} between {start} and {end} in "
+                                f"{resolved.mapping.bars_table}; check the codes (ts_code form, e.g. 000001.SZ) and the range")
         check_gates(frame, set(days))
         frame = finalize(frame, options.dtype)
         result = self._commit(snapshot_id, mode, start, end, universe, options, resolved, frame, days, sums,

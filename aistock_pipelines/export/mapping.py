@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import numpy as np
+import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -37,15 +39,30 @@ class FieldSpec:
     scale: float = 1.0
     unit: str = ""
 
+    def _divisor(self) -> int | None:
+        """A scale like 0.001 is applied as ``/ 1000``: one correctly rounded division, so the value equals
+        ``column / 1000`` bit for bit (``× 0.001`` would not)."""
+        inverse = Fraction(1 / self.scale).limit_denominator(1)
+        if self.scale < 1 and float(inverse) * self.scale == 1.0:
+            return int(inverse)
+        return None
+
     def sql(self, alias: str) -> str:
-        """Scaled float8 expression. A scale like 0.001 is applied as ``/ 1000`` (correctly rounded)."""
+        """Scaled float8 expression (see :meth:`_divisor`)."""
         col = f'{alias}."{self.column}"::float8'
         if self.scale == 1:
             return col
-        inverse = Fraction(1 / self.scale).limit_denominator(1)
-        if self.scale < 1 and float(inverse) * self.scale == 1.0:
-            return f"{col} / {int(inverse)}"
-        return f"{col} * {self.scale!r}"
+        divisor = self._divisor()
+        return f"{col} / {divisor}" if divisor is not None else f"{col} * {self.scale!r}"
+
+    def apply(self, values: npt.ArrayLike) -> np.ndarray:
+        """The same IEEE float64 operation as :meth:`sql`, in numpy: rows that do not come from the database
+        (a live bar before the close) get exactly the value the database path would give them."""
+        col = np.asarray(values, dtype=np.float64)
+        if self.scale == 1:
+            return col
+        divisor = self._divisor()
+        return col / divisor if divisor is not None else col * self.scale
 
 
 #: The real AIstock qfq layout (REFERENCE §1): prices in 厘, volume in 手, amount in 厘.

@@ -97,6 +97,17 @@ def external_frame(frame: pd.DataFrame, options: SnapshotOptions) -> pd.DataFram
     return out if options.instruments == "ts_code" else out.sort_index()
 
 
+def read_view(frame: pd.DataFrame, options: SnapshotOptions) -> pd.DataFrame:
+    """The snapshot frame exactly as a consumer gets it from ``pd.read_hdf(daily_pv.h5)``:
+    :func:`external_frame`, with the instrument level re-inferred the way HDF read-back infers it (pandas ≥ 3:
+    ``str``; ``object`` before). Frames built in memory from the same rows (the live adapter's) then compare
+    equal to the file's with ``assert_frame_equal``, index dtypes included."""
+    ext = external_frame(frame, options)
+    levels = ext.index.levels[1]
+    ext.index = ext.index.set_levels(pd.Index(levels.to_numpy(dtype=object)), level=1, verify_integrity=False)
+    return ext
+
+
 def internal_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Inverse of :func:`external_frame` (float64, plain names, ts_code instruments)."""
     inst = [qlib_format.from_qlib_symbol(s) for s in frame.index.get_level_values("instrument")]

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from dagster import (
     AssetSelection,
+    DefaultScheduleStatus,
     RunRequest,
     ScheduleDefinition,
     ScheduleEvaluationContext,
@@ -47,7 +48,7 @@ def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
     """One schedule per open-ended snapshot (a schedule targets one job; snapshot partitions differ)."""
 
     @schedule(name=f"{job.name.removesuffix('_job')}_post_close", cron_schedule=POST_CLOSE_CRON,
-              execution_timezone=TIMEZONE, job=job,
+              execution_timezone=TIMEZONE, job=job, default_status=DefaultScheduleStatus.RUNNING,
               description=f"After the close on trading days: today's partition of snapshots/{decl.id}.")
     def _post_close(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
         today = context.scheduled_execution_time.astimezone(ZoneInfo(TIMEZONE)).date()

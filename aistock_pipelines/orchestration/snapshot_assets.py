@@ -9,6 +9,7 @@ runs never write one snapshot (the exporter's file lock is the second line of de
 """
 
 
+import hashlib
 import warnings
 from datetime import date, timedelta
 
@@ -32,6 +33,7 @@ from aistock_pipelines.export.mapping import ExportMapping, MappingError
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotWriter
+from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
@@ -85,17 +87,14 @@ def result_metadata(result: ExportResult) -> dict:
     if frame_preview is not None:
         meta["columns"] = MetadataValue.json(list(frame_preview.columns))
         meta["daily_pv_bytes"] = (result.path / "daily_pv.h5").stat().st_size
-        meta["preview"] = MetadataValue.md(frame_preview.iloc[:, :8].to_markdown() if _has_tabulate() else
-                                           frame_preview.iloc[:, :8].to_string())
+        meta["preview"] = MetadataValue.md(frame_preview.iloc[:, :8].to_markdown())  # tabulate ships with dagster
     return meta
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def declaration_version(decl: SnapshotDecl, mapping: ExportMapping) -> str:
+    """Code version of a snapshot asset: its declaration and the mapping, so editing either shows it stale."""
+    doc = decl.model_dump_json() + mapping.fingerprint()
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
 def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinition:
@@ -104,6 +103,8 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinitio
     @asset(
         key=["snapshots", decl.id],
         group_name="snapshots",
+        deps=[DAILY_FEATURES_KEY],
+        code_version=declaration_version(decl, mapping),
         partitions_def=partitions_for(decl),
         backfill_policy=BackfillPolicy.single_run(),
         retry_policy=SNAPSHOT_RETRY,

@@ -1,0 +1,105 @@
+"""The ad-hoc export job: the seed's ``POST /api/v1/qlib/snapshots/daily`` as a Launchpad job.
+
+Its run config mirrors the seed's request body (``snapshot_id``, ``mode``, ``codes``, ``start``, ``end``)
+plus the layout options a declaration has; the run page is the seed's ``GET /jobs/{job_id}``. It is for
+one-off snapshots: a declared snapshot belongs to its asset (``snapshots/<id>``) and is refused here, so
+the two never fight over one directory. Files land under the same snapshot root, with the same atomic
+versions, lock, materialization-style metadata and ``meta.json``.
+"""
+
+
+from datetime import date
+from enum import Enum
+
+from dagster import Config, Failure, OpExecutionContext, Output, job, op
+from pydantic import Field
+
+from aistock_pipelines.export.exporter import DataGateError
+from aistock_pipelines.export.mapping import MappingError
+from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotOptions
+from aistock_pipelines.orchestration.snapshot_assets import build_exporter, result_metadata
+from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
+from aistock_pipelines.snapshot_config import SnapshotsFile
+
+JOB_NAME = "adhoc_snapshot_export"
+
+
+class Mode(str, Enum):
+    full = "full"
+    incremental = "incremental"
+
+
+class ColumnStyle(str, Enum):
+    plain = "plain"
+    dollar = "dollar"
+
+
+class Naming(str, Enum):
+    ts_code = "ts_code"
+    qlib = "qlib"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class AdhocExportConfig(Config):
+    """The seed's request body, plus the options of a declaration (same defaults as the YAML)."""
+
+    snapshot_id: str = Field(description="[A-Za-z0-9_-]+; must not be declared in the snapshots file")
+    mode: Mode = Field(default=Mode.full, description="full: (re)write [start, end]; incremental: bring up to end")
+    codes: list[str] | None = Field(default=None, description="ts_codes; null = every instrument, delisted included")
+    start: str | None = Field(default=None, description="YYYY-MM-DD, required for mode=full")
+    end: str | None = Field(default=None, description="YYYY-MM-DD; null = the last day with bars")
+    columns: ColumnStyle = ColumnStyle.plain
+    instruments: Naming = Naming.ts_code
+    dtype: Dtype = Dtype.float64
+    factor_tables: list[str] | None = Field(default=None, description="null = every configured factor table")
+    overwrite: bool = Field(default=False, description="mode=full: replace an existing snapshot of this id")
+
+
+def _day(value: str | None, what: str) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise Failure(description=f"{what} must be a date YYYY-MM-DD, got {value!r}", allow_retries=False) from None
+
+
+def adhoc_export_job(config: SnapshotsFile):
+    declared = {d.id for d in config.snapshots}
+    mapping = config.export_mapping()
+
+    @op(name="export_snapshot", pool="adhoc_snapshot_export",
+        description="Export one ad-hoc snapshot with the exporter (full or incremental).")
+    def export_snapshot(context: OpExecutionContext, config: AdhocExportConfig, aistock_db: AIstockDatabase,
+                        snapshot_store: SnapshotStore) -> Output[None]:
+        if config.snapshot_id in declared:
+            raise Failure(description=f"snapshot {config.snapshot_id!r} is declared in the snapshots file: "
+                                      f"materialize snapshots/{config.snapshot_id} instead", allow_retries=False)
+        start, end = _day(config.start, "start"), _day(config.end, "end")
+        exporter = build_exporter(aistock_db, snapshot_store, mapping)
+        try:
+            if config.mode == Mode.full:
+                if start is None:
+                    raise Failure(description="mode=full needs start (YYYY-MM-DD)", allow_retries=False)
+                options = SnapshotOptions(
+                    columns=config.columns.value, instruments=config.instruments.value, dtype=config.dtype.value,
+                    factor_tables=tuple(config.factor_tables) if config.factor_tables is not None else None)
+                result = exporter.export_full(config.snapshot_id, start, end, config.codes, options=options,
+                                              if_exists="overwrite" if config.overwrite else "refuse")
+            else:
+                result = exporter.export_incremental(config.snapshot_id, end, config.codes)
+        except (DataGateError, MappingError, SnapshotError) as e:
+            raise Failure(description=f"snapshot {config.snapshot_id}: {e}", allow_retries=False) from e
+        context.log.info("snapshot %s: %s, %s rows", config.snapshot_id, result.mode, result.rows)
+        return Output(None, metadata=result_metadata(result))
+
+    @job(name=JOB_NAME, tags={"aistock/job": "adhoc_snapshot_export"},
+         description="One-off snapshot export; run config mirrors POST /api/v1/qlib/snapshots/daily of the seed.")
+    def _job():
+        export_snapshot()
+
+    return _job
