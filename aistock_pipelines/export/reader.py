@@ -22,6 +22,7 @@ import pyarrow as pa
 from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import libpq_url
+from aistock_pipelines.export.daily_features import feature_select_sql
 from aistock_pipelines.export.mapping import ExportMapping, ResolvedMapping, quote_table, resolve_mapping
 
 INDEX_NAMES = ["datetime", "instrument"]
@@ -165,31 +166,17 @@ class ReadSession:
         return names + r.factor_fields
 
     def _select_sql(self, filtered: bool) -> tuple[str, int]:
-        r = self.resolved
-        m = r.mapping
-        cols = ["b.trade_date", "b.ts_code"] + [f'{spec.sql("b")} AS "{name}"' for name, spec in m.fields.items()]
-        joins = []
+        """:func:`feature_select_sql` (the ``market.daily_features`` definition) bounded to $1..$2 [and $3]."""
+        universe = " AND {alias}.ts_code = ANY(string_to_array($3, ','))" if filtered else ""
 
         def bounded(alias: str) -> str:
             # The bars' range repeated on the joined side: implied by the equi-join, but PostgreSQL does not
             # carry range predicates across a join, and without them a short window (the live adapter, an
             # incremental export) hash-joins every row of the raw and factor tables (measured: 10× slower).
-            cond = f"{alias}.ts_code = b.ts_code AND {alias}.trade_date = b.trade_date AND {alias}.trade_date BETWEEN $1 AND $2"
-            return cond + (f" AND {alias}.ts_code = ANY(string_to_array($3, ','))" if filtered else "")
+            return f" AND {alias}.trade_date BETWEEN $1 AND $2" + universe.format(alias=alias)
 
-        if m.has_factor:
-            close = m.fields["close"].column
-            cols.append(f'b."{close}"::float8 / NULLIF(r."{close}", 0)::float8 AS "factor"')
-            joins.append(f"LEFT JOIN {quote_table(m.raw_table)} r ON {bounded('r')}")
-        for i, t in enumerate(m.factor_tables):
-            alias = f"f{i}"
-            joins.append(f"LEFT JOIN {quote_table(t.table)} {alias} ON {bounded(alias)}")
-            cols += [f'{spec.sql(alias)} AS "{name}"' for name, spec in r.factor_columns[t.name].items()]
-        where = "WHERE b.trade_date BETWEEN $1 AND $2"
-        if filtered:
-            where += " AND b.ts_code = ANY(string_to_array($3, ','))"
-        sql = f"SELECT {', '.join(cols)} FROM {quote_table(m.bars_table)} b {' '.join(joins)} {where}"
-        return sql, 3 if filtered else 2
+        where = "WHERE b.trade_date BETWEEN $1 AND $2" + universe.format(alias="b")
+        return feature_select_sql(self.resolved, bounded, where), 3 if filtered else 2
 
     def _finish(self, frame: pd.DataFrame) -> pd.DataFrame:
         return logical_frame(frame, self.resolved)
