@@ -9,7 +9,7 @@ versions, lock, materialization-style metadata and ``meta.json``.
 
 
 from datetime import date
-from enum import Enum
+from typing import Literal
 
 from dagster import Config, Failure, OpExecutionContext, Output, job, op
 from pydantic import Field
@@ -24,37 +24,17 @@ from aistock_pipelines.snapshot_config import SnapshotsFile
 JOB_NAME = "adhoc_snapshot_export"
 
 
-class Mode(str, Enum):
-    full = "full"
-    incremental = "incremental"
-
-
-class ColumnStyle(str, Enum):
-    plain = "plain"
-    dollar = "dollar"
-
-
-class Naming(str, Enum):
-    ts_code = "ts_code"
-    qlib = "qlib"
-
-
-class Dtype(str, Enum):
-    float32 = "float32"
-    float64 = "float64"
-
-
 class AdhocExportConfig(Config):
     """The seed's request body, plus the options of a declaration (same defaults as the YAML)."""
 
     snapshot_id: str = Field(description="[A-Za-z0-9_-]+; must not be declared in the snapshots file")
-    mode: Mode = Field(default=Mode.full, description="full: (re)write [start, end]; incremental: bring up to end")
+    mode: Literal["full", "incremental"] = Field(default="full", description="full: (re)write [start, end]; incremental: bring up to end")
     codes: list[str] | None = Field(default=None, description="ts_codes; null = every instrument, delisted included")
     start: str | None = Field(default=None, description="YYYY-MM-DD, required for mode=full")
     end: str | None = Field(default=None, description="YYYY-MM-DD; null = the last day with bars")
-    columns: ColumnStyle = ColumnStyle.plain
-    instruments: Naming = Naming.ts_code
-    dtype: Dtype = Dtype.float64
+    columns: Literal["plain", "dollar"] = "plain"
+    instruments: Literal["ts_code", "qlib"] = "ts_code"
+    dtype: Literal["float32", "float64"] = "float64"
     factor_tables: list[str] | None = Field(default=None, description="null = every configured factor table")
     overwrite: bool = Field(default=False, description="mode=full: replace an existing snapshot of this id")
 
@@ -82,11 +62,11 @@ def adhoc_export_job(config: SnapshotsFile):
         start, end = _day(config.start, "start"), _day(config.end, "end")
         exporter = build_exporter(aistock_db, snapshot_store, mapping)
         try:
-            if config.mode == Mode.full:
+            if config.mode == "full":
                 if start is None:
                     raise Failure(description="mode=full needs start (YYYY-MM-DD)", allow_retries=False)
                 options = SnapshotOptions(
-                    columns=config.columns.value, instruments=config.instruments.value, dtype=config.dtype.value,
+                    columns=config.columns, instruments=config.instruments, dtype=config.dtype,
                     factor_tables=tuple(config.factor_tables) if config.factor_tables is not None else None)
                 result = exporter.export_full(config.snapshot_id, start, end, config.codes, options=options,
                                               if_exists="overwrite" if config.overwrite else "refuse")
