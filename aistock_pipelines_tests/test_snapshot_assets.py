@@ -33,10 +33,13 @@ def test_range_backfill_then_daily_partition_equals_full_export(market_db, tmp_p
     md = result.asset_materializations_for_node("snapshots__demo_qlib")[0].metadata
     assert md["mode"].value == "full" and md["end"].value == "2024-06-19" and md["rows"].value > 80_000
     assert isinstance(md["seconds_total"].value, float)
-    adv = advance_market(create_db_engine(market_db), events=3)
-    daily = _materialize(assets["demo_qlib"], resources, instance, partition_key=adv.trade_date.isoformat())
-    md = daily.asset_materializations_for_node("snapshots__demo_qlib")[0].metadata
-    assert md["mode"].value == "incremental" and md["restated_instruments"].value == len(adv.restated)
+    engine = create_db_engine(market_db)
+    for _ in range(3):  # N post-close increments, each day restating some instruments' qfq history
+        adv = advance_market(engine, events=3)
+        daily = _materialize(assets["demo_qlib"], resources, instance, partition_key=adv.trade_date.isoformat())
+        md = daily.asset_materializations_for_node("snapshots__demo_qlib")[0].metadata
+        assert md["mode"].value == "incremental" and md["restated_instruments"].value == len(adv.restated)
+    engine.dispose()
     # a weekend partition does no work
     weekend = _materialize(assets["demo_qlib"], resources, instance, partition_key="2024-06-22")
     assert weekend.asset_materializations_for_node("snapshots__demo_qlib")[0].metadata["mode"].value == "no trading day"
