@@ -26,7 +26,8 @@ import pandas as pd
 
 from aistock_pipelines.export.mapping import quote_table
 from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
-from aistock_pipelines.export.reader import DBReader, ReadSession, add_change, check_codes
+from aistock_pipelines.export import frames
+from aistock_pipelines.export.reader import DBReader, ReadSession, check_codes
 from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotOptions, SnapshotWriter, check_snapshot_id
 
 PRICE_COLUMNS = ["open", "high", "low", "close"]
@@ -71,37 +72,41 @@ def declaration_hash(start: date, universe: list[str] | None, options: SnapshotO
 
 
 def check_gates(frame: pd.DataFrame, trading_days: set[date]) -> None:
-    """Refuse data Qlib/RD-Agent would silently mis-use. Examples in messages are (date, code)."""
+    """Refuse data Qlib/RD-Agent would silently mis-use. Examples in messages are (date, code).
+    Works on columns and index codes (no per-row objects): cheap enough for every read."""
     def examples(mask: np.ndarray | pd.Series) -> str:
         idx = frame.index[np.asarray(mask)][:5]
         return ", ".join(f"{d:%Y-%m-%d} {c}" for d, c in idx)
 
+    if frame.empty:
+        return
     dup = frame.index.duplicated(keep=False)
     if dup.any():
         raise DataGateError(f"duplicate (ts_code, trade_date) rows in the source: {examples(dup)}; "
                             "deduplicate the bars table (it should have a unique key on (ts_code, trade_date))")
-    null = frame[PRICE_COLUMNS].isna().any(axis=1)
+    col = {c: frame[c].to_numpy(dtype=np.float64) for c in PRICE_COLUMNS}
+    null = np.isnan(col["open"]) | np.isnan(col["high"]) | np.isnan(col["low"]) | np.isnan(col["close"])
     if null.any():
         raise DataGateError(f"NULL prices on trading rows: {examples(null)}")
-    nonpos = frame["close"] <= 0
+    nonpos = col["close"] <= 0
     if nonpos.any():
         raise DataGateError(f"close <= 0 (subtractive qfq from the vendor?): {examples(nonpos)}")
-    inverted = frame["high"] < frame["low"]
+    inverted = col["high"] < col["low"]
     if inverted.any():
         raise DataGateError(f"high < low: {examples(inverted)}")
-    dates = frame.index.get_level_values("datetime")
-    off = ~pd.Index(dates.date).isin(list(trading_days)) if len(frame) else np.zeros(0, bool)
-    if off.any():
-        raise DataGateError(f"bars on days the trade calendar marks closed: {examples(off)}")
+    level = pd.DatetimeIndex(frame.index.levels[0])
+    closed = ~level.normalize().isin(pd.DatetimeIndex(sorted(trading_days)))
+    if closed.any():
+        off = closed[frame.index.codes[0]]
+        if off.any():
+            raise DataGateError(f"bars on days the trade calendar marks closed: {examples(off)}")
 
 
 def finalize(frame: pd.DataFrame, dtype: str) -> pd.DataFrame:
     """Round to the snapshot dtype first, then derive ``change`` from the rounded closes, so an incremental
-    export (which starts from the stored, rounded values) produces exactly what a full export does."""
-    frame = frame.sort_index()
-    if dtype != "float64":
-        frame = frame.astype(dtype).astype("float64")
-    return add_change(frame)
+    export (which starts from the stored, rounded values) produces exactly what a full export does.
+    Returns a new sorted frame in one row-major float64 block (see :mod:`frames`)."""
+    return frames.merge_sorted([(frame, None)], dtype=dtype, change=True)
 
 
 class QlibDailyExporter:
@@ -180,19 +185,27 @@ class QlibDailyExporter:
         with reader.session() as s:
             end, days = self._effective_end(s, start, end)
             t = time.perf_counter()
-            frame = s.load_daily(universe, start, end)
+            sums = s.checksums(start, None, end, universe)  # first: its row count sizes the read's block
+            check_s = time.perf_counter() - t
+            t = time.perf_counter()
+            block, index, columns = s.load_daily_block(universe, start, end, expected_rows=int(sums["rows_all"].sum()))
+            frame = pd.DataFrame(block, index=index, columns=columns, copy=False)
             read_s = time.perf_counter() - t
-            sums = s.checksums(start, None, end, universe)
             rows_read = s.rows_read
         if frame.empty:
             which = f"codes {universe[:10]}{'…' if len(universe) > 10 else ''}" if universe else "any instrument"
             raise SnapshotError(f"snapshot {snapshot_id}: no bars for {which} between {start} and {end} in "
                                 f"{resolved.mapping.bars_table}; check the codes (ts_code form, e.g. 000001.SZ) and the range")
+        t = time.perf_counter()
         check_gates(frame, set(days))
-        frame = finalize(frame, options.dtype)
+        del frame  # the block is ours alone again: finish it in place (the values never exist twice)
+        frame = frames.finish_in_place(block, index, columns, options.dtype)
+        del block
+        frame_s = time.perf_counter() - t
         result = self._commit(snapshot_id, mode, start, end, universe, options, resolved, frame, days, sums,
                               restated=[], rows_added=len(frame), rows_rewritten=0, rows_read=rows_read)
-        result.timings = {"read_db": read_s, **result.timings, "total": time.perf_counter() - t0}
+        result.timings = {"read_db": read_s, "checksums": check_s, "frame": frame_s, **result.timings,
+                          "total": time.perf_counter() - t0}
         return result
 
     def _incremental(self, snapshot_id: str, meta: dict, start: date, end: date | None, universe: list[str] | None,
@@ -221,36 +234,49 @@ class QlibDailyExporter:
                                 instruments=meta["instrument_count"], rows=meta["row_count"],
                                 sha256=meta["daily_pv_sha256"], export_id=meta["export_id"], rows_read=rows_read,
                                 timings={"checksums": check_s, "read_db": read_s, "total": time.perf_counter() - t0})
+        # The stored rows passed the gates when they were exported; only the rows read now are checked.
+        for part in (new_rows, history):
+            if part is not None:
+                check_gates(part, set(days))
         t = time.perf_counter()
         old = self.writer.read_frame(snapshot_id)
         read_old_s = time.perf_counter() - t
-        old_inst = old.index.get_level_values("instrument")
-        rewritten = int(old_inst.isin(restated).sum())
-        parts = [old[~old_inst.isin(restated)]]
+        t = time.perf_counter()
+        kept = ~frames.instrument_mask(old.index, restated)
+        rewritten = int(len(old) - kept.sum())
+        parts = [(old, kept)]
         if new_rows is not None:
-            parts.append(new_rows[~new_rows.index.get_level_values("instrument").isin(restated)])
+            parts.append((new_rows, ~frames.instrument_mask(new_rows.index, restated)))
         if history is not None:
-            parts.append(history)
-        frame = pd.concat(parts)
-        check_gates(frame, set(days))
-        frame = finalize(frame, options.dtype)
+            parts.append((history, None))
+        n_old = len(old)
+        # One pass: merge without concatenating, sort by codes, round, recompute ``change`` (see finalize).
+        frame = frames.merge_sorted(parts, dtype=options.dtype, change=True)
+        del old, parts
+        if frame.index.has_duplicates:  # the parts are disjoint by construction; never write if not
+            raise DataGateError("internal consistency: the merged snapshot has duplicate (date, instrument) rows; "
+                                "run a full export")
+        frame_s = time.perf_counter() - t
         result = self._commit(snapshot_id, "incremental", start, new_end, universe, options, resolved, frame, days, sums,
-                              restated=restated, rows_added=len(frame) - len(old) + rewritten,
+                              restated=restated, rows_added=len(frame) - n_old + rewritten,
                               rows_rewritten=rewritten, rows_read=rows_read)
-        result.timings = {"checksums": check_s, "read_db": read_s, "read_snapshot": read_old_s, **result.timings,
-                          "total": time.perf_counter() - t0}
+        result.timings = {"checksums": check_s, "read_db": read_s, "read_snapshot": read_old_s, "frame": frame_s,
+                          **result.timings, "total": time.perf_counter() - t0}
         return result
 
     def _commit(self, snapshot_id, mode, start, end, universe, options, resolved, frame, days, sums, *, restated,
                 rows_added, rows_rewritten, rows_read) -> ExportResult:
         export_id = uuid.uuid4().hex
-        counts = frame.groupby(level="instrument").size()
+        counts = frames.instrument_row_counts(frame.index)
         expected = sums["rows_all"]
-        if counts.to_dict() != {c: int(n) for c, n in expected.items() if n > 0}:
+        if counts != {c: int(n) for c, n in expected.items() if n > 0}:
             raise SnapshotError("internal consistency: rows per instrument differ from the database's counts; "
                                 "the source changed in an unexpected way — run a full export")
-        per_inst = {c: (str(sums.at[c, "first_date"]), str(sums.at[c, "last_date"]), int(sums.at[c, "rows_all"]))
-                    for c in counts.index}
+        rows = sums.loc[list(counts), ["first_date", "last_date", "rows_all", "sum_all"]]
+        states = [InstrumentState(c, first, last, int(n), str(checksum), export_id)
+                  for c, first, last, n, checksum in zip(rows.index, rows["first_date"], rows["last_date"],
+                                                         rows["rows_all"], rows["sum_all"])]
+        per_inst = {st.ts_code: (str(st.first_datetime), str(st.last_datetime), st.rows) for st in states}
         column_info = resolved.describe()
         meta = {
             "start": start.isoformat(), "end": end.isoformat(),
@@ -266,11 +292,10 @@ class QlibDailyExporter:
             "last_export": {"mode": mode, "restated": restated, "rows_added": rows_added,
                             "rows_rewritten": rows_rewritten, "rows_read": rows_read},
         }
-        path, meta, timings = self.writer.write(snapshot_id, frame, days, options, meta, column_info)
+        path, meta, timings = self.writer.write(snapshot_id, frame, days, options, meta, column_info,
+                                                rewrite=set(restated) if mode == "incremental" else None)
         t = time.perf_counter()
-        self.meta.replace(snapshot_id, [
-            InstrumentState(c, sums.at[c, "first_date"], sums.at[c, "last_date"], int(sums.at[c, "rows_all"]),
-                            str(sums.at[c, "sum_all"]), export_id) for c in counts.index])
+        self.meta.replace(snapshot_id, states)
         timings["write_meta_repo"] = time.perf_counter() - t
         return ExportResult(snapshot_id, mode, start, end, path, instruments=len(counts), rows=len(frame),
                             per_instrument=per_inst, restated=restated, rows_added=rows_added,

@@ -10,11 +10,14 @@ lower-case. Values are placed by calendar position — never appended blindly, w
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from aistock_pipelines.export.frames import first_last_dates
 
 _EXCHANGES = ("SH", "SZ", "BJ")
 
@@ -30,11 +33,15 @@ def from_qlib_symbol(symbol: str) -> str:
 
 
 def instrument_names(ts_codes: pd.Index | list[str], style: str) -> np.ndarray:
+    """Per row, the instrument's name in ``style``. Renames each distinct code once (a frame repeats every
+    code on each of its days: 285k rows, 5,000 codes — 0.3 s per call when renamed row by row)."""
     values = np.asarray(ts_codes, dtype=object)
     if style == "ts_code":
         return values
     if style == "qlib":
-        return np.array([to_qlib_symbol(c) for c in values], dtype=object)
+        positions, uniques = pd.factorize(values)
+        renamed = np.array([to_qlib_symbol(c) for c in uniques], dtype=object)
+        return renamed[positions] if len(values) else values
     raise ValueError(f"instrument naming must be 'ts_code' or 'qlib', got {style!r}")
 
 
@@ -51,11 +58,9 @@ def instrument_spans(frame: pd.DataFrame, calendar: list[date]) -> list[tuple[st
     """One span per instrument: first and last trading day with a row (Qlib's ``all.txt``)."""
     if frame.empty:
         return []
-    dates = frame.index.get_level_values("datetime")
-    inst = frame.index.get_level_values("instrument")
-    g = pd.Series(dates, index=inst).groupby(level=0)
-    first, last = g.min(), g.max()
-    return [(name, first[name].date(), last[name].date()) for name in sorted(first.index)]
+    names, first, last = first_last_dates(frame.index)
+    spans = [(str(n), pd.Timestamp(a).date(), pd.Timestamp(b).date()) for n, a, b in zip(names, first, last)]
+    return sorted(spans)
 
 
 def write_instruments(path: Path, spans: list[tuple[str, date, date]]) -> None:
@@ -63,39 +68,140 @@ def write_instruments(path: Path, spans: list[tuple[str, date, date]]) -> None:
     path.write_text("".join(f"{name}\t{a:%Y-%m-%d}\t{b:%Y-%m-%d}\n" for name, a, b in spans))
 
 
-def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fields: list[str]) -> int:
+@dataclass(frozen=True)
+class BinReuse:
+    """The current version's bins, offered to the next version of the same snapshot.
+
+    ``spans``: file name (as in ``all.txt``) → (first, last) calendar position of the current bin; the
+    current calendar is a prefix of the new one. ``rewrite``: names whose history changed (written anew)."""
+
+    features: Path
+    spans: dict[str, tuple[int, int]]
+    rewrite: set[str] = field(default_factory=set)
+
+
+def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fields: list[str], *,
+               reuse: BinReuse | None = None, workers: int = 4) -> int:
     """Write every instrument's bins; returns the number of files. ``frame`` is indexed (datetime,
-    instrument) with plain logical column names."""
-    cal_index = pd.DatetimeIndex(pd.to_datetime(calendar)).as_unit("ns")
-    position = pd.Series(np.arange(len(cal_index)), index=cal_index)
-    dates = frame.index.get_level_values("datetime")
-    pos = position.reindex(dates).to_numpy()
-    if np.isnan(pos).any():
-        bad = dates[np.isnan(pos)][:3]
-        raise ValueError(f"rows on days missing from the calendar: {list(bad)}")
-    pos = pos.astype(np.int64)
-    inst = frame.index.get_level_values("instrument").to_numpy(dtype=object)
-    order = np.lexsort((pos, inst))  # by instrument, then calendar position
+    instrument) with plain logical column names.
+
+    With ``reuse``, an instrument whose history did not change and whose first day is the same gets hard
+    links to the current version's files, extended in place by the new days: ``pwrite`` at the calendar
+    position after the current version's last day, then ``ftruncate`` to the exact length. Readers of the
+    current version never see the change — Qlib reads a bin only up to its own calendar's end — and a
+    crashed run leaves nothing a rerun does not overwrite. Creating a file costs 0.1–0.9 ms on a busy ext4
+    (it waits on the journal): 84,000 of them take 7–30 s, links plus 4-byte writes ~3 s. New files are
+    written by ``workers`` threads (the system calls release the GIL), links in the calling thread."""
+    index = frame.index
+    cal = np.asarray(pd.DatetimeIndex(pd.to_datetime(calendar)).as_unit("ns"), dtype="datetime64[ns]")
+    level_dates = np.asarray(index.levels[0], dtype="datetime64[ns]")
+    level_pos = np.searchsorted(cal, level_dates)
+    found = level_pos < len(cal)
+    found[found] = cal[level_pos[found]] == level_dates[found]
+    used = np.zeros(len(level_dates), dtype=bool)
+    used[index.codes[0]] = True
+    if (used & ~found).any():
+        raise ValueError(f"rows on days missing from the calendar: {list(level_dates[used & ~found][:3])}")
+    pos = level_pos[index.codes[0]].astype(np.int64)
+    inst = np.asarray(index.codes[1], dtype=np.int64)
+    order = np.argsort(inst * (len(cal) + 1) + pos, kind="stable")  # by instrument, then calendar position
     inst_sorted, pos_sorted = inst[order], pos[order]
-    values = {f: frame[f].to_numpy(dtype=np.float32)[order] for f in fields}
+    block = frame.to_numpy(dtype=np.float64)  # the frame's own row-major block: no copy
+    take = [frame.columns.get_loc(f) for f in fields]
+    names = np.asarray(index.levels[1], dtype=object)
     boundaries = np.flatnonzero(inst_sorted[1:] != inst_sorted[:-1]) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(inst_sorted)]])
-    count = 0
-    for a, b in zip(starts, ends):
-        name = str(inst_sorted[a]).lower()
-        target = features_dir / name
-        target.mkdir(parents=True, exist_ok=True)
+    starts = np.concatenate([[0], boundaries]).astype(np.int64).tolist()
+    ends = np.concatenate([boundaries, [len(inst_sorted)]]).astype(np.int64).tolist()
+    files = [f"{f.lower()}.day.bin" for f in fields]
+    features = str(features_dir)
+    features_dir.mkdir(parents=True, exist_ok=True)
+
+    def folder(name: str) -> str:
+        target = os.path.join(features, name.lower())
+        try:
+            os.mkdir(target)
+        except FileExistsError:
+            pass
+        return target
+
+    def write_fresh(a: int, b: int) -> None:
+        name = str(names[inst_sorted[a]])
+        target = folder(name)
         p = pos_sorted[a:b]
-        first, span = int(p[0]), int(p[-1] - p[0] + 1)
-        buf = np.full(span + 1, np.nan, dtype="<f4")
-        buf[0] = np.float32(first)
-        for f in fields:
-            buf[1:] = np.nan
-            buf[1 + (p - first)] = values[f][a:b]
-            _write_bytes(target / f"{f.lower()}.day.bin", buf.tobytes())
-            count += 1
-    return count
+        first, last = int(p[0]), int(p[-1])
+        buf = np.full((len(files), last - first + 2), np.nan, dtype="<f4")
+        buf[:, 0] = np.float32(first)
+        buf[:, 1 + (p - first)] = np.take(block, order[a:b], axis=0)[:, take].T  # float64 → float32 on assignment
+        for i, file in enumerate(files):
+            _write_bytes(f"{target}/{file}", buf[i].tobytes())
+
+    def extend(a: int, b: int, old_last: int) -> bool:
+        """Link the current files and append this instrument's new days; False if any file cannot be
+        reused (then the instrument is written anew — never through a link)."""
+        name = str(names[inst_sorted[a]])
+        target = folder(name)
+        source = os.path.join(str(reuse.features), name.lower())
+        p = pos_sorted[a:b]
+        first, last = int(p[0]), int(p[-1])
+        k = int(np.searchsorted(p, old_last, side="right"))  # rows after the current version's last day
+        tail = np.full((len(files), last - old_last), np.nan, dtype="<f4")
+        if k < len(p):
+            tail[:, p[k:] - old_last - 1] = np.take(block, order[a + k:b], axis=0)[:, take].T
+        valid, length = 4 * (old_last - first + 2), 4 * (last - first + 2)
+        done = []
+        for i, file in enumerate(files):
+            if not _extend_link(f"{source}/{file}", f"{target}/{file}", tail[i].tobytes(), valid, length):
+                for d in done:
+                    os.unlink(d)
+                return False
+            done.append(f"{target}/{file}")
+        return True
+
+    fresh, linked = [], []
+    for a, b in zip(starts, ends):
+        span = None
+        if reuse is not None:
+            name = str(names[inst_sorted[a]])
+            if name not in reuse.rewrite:
+                span = reuse.spans.get(name)
+                if span is not None and not (span[0] == int(pos_sorted[a]) and span[1] <= int(pos_sorted[b - 1])):
+                    span = None
+        (fresh if span is None else linked).append((a, b) if span is None else (a, b, span[1]))
+    # New files in a few threads (creating a file waits on the file system's journal, the GIL is free
+    # meanwhile); links are cheap system calls made here at the same time (more threads only contend).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending = [pool.submit(write_fresh, a, b) for a, b in fresh]
+        for a, b, old_last in linked:
+            if not extend(a, b, old_last):
+                pending.append(pool.submit(write_fresh, a, b))
+        for f in pending:
+            f.result()
+    return (len(fresh) + len(linked)) * len(fields)
+
+
+def _extend_link(source: str, path: str, tail: bytes, valid: int, length: int) -> bool:
+    """Hard-link ``source`` to ``path``, whose first ``valid`` bytes are known to be right, and make it
+    ``length`` bytes: ``tail`` written in place at ``valid``, then truncated. False (and no ``path``) when
+    the source is missing or shorter than ``valid``."""
+    try:
+        os.link(source, path)
+    except FileNotFoundError:
+        return False
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < valid:
+            os.unlink(path)
+            return False
+        if tail:
+            os.pwrite(fd, tail, valid)
+        if size > length:  # bytes a crashed run appended beyond this version's end
+            os.ftruncate(fd, length)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -1,0 +1,24 @@
+"""Live feature frames (seed §7): the snapshot's rows for a window ending now, from the same definition.
+
+Plain Python, nothing here knows about Dagster: a trading process imports it directly.
+"""
+
+from aistock_pipelines.live.adapter import (
+    InsufficientHistoryError,
+    LiveDataAdapter,
+    LiveDataError,
+    NoDataError,
+    UnknownSymbolError,
+)
+from aistock_pipelines.live.latest_bar import FrameLatestBarProvider, LatestBarError, LatestBarProvider
+
+__all__ = [
+    "FrameLatestBarProvider",
+    "InsufficientHistoryError",
+    "LatestBarError",
+    "LatestBarProvider",
+    "LiveDataAdapter",
+    "LiveDataError",
+    "NoDataError",
+    "UnknownSymbolError",
+]
