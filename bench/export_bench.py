@@ -286,6 +286,7 @@ def run_worker(task: str, params: dict, tmp: Path, label: str) -> dict:
         raise SystemExit(f"worker {label} ({task}) failed with exit code {proc.returncode}")
     doc = json.loads(ofile.read_text())
     doc["wall_seconds"] = wall
+    doc["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # this process only (not the database server's)
     doc["peak_rss_mb_wait4"] = usage.ru_maxrss / 1024
     return doc
 
@@ -338,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work database and the snapshots")
     ap.add_argument("--drop-template", action="store_true", help="also drop the seeded template database")
     ap.add_argument("--json", type=Path, help="results file (default: bench/results/<stamp>-<size>.json)")
+    ap.add_argument("--render", type=Path, help="print the tables of an earlier results file and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
     if args.small:
         args.instruments, args.days, args.repeat = 300, 250, 1
     baseline_repeat = args.baseline_repeat or args.repeat
@@ -511,8 +516,12 @@ def render(res: dict) -> str:
                  f"medians of {res['repeat']} runs (baseline: {res['baseline_repeat']}); load average "
                  f"{m['loadavg_start'][0]:.1f} at start, {m.get('loadavg_end', [float('nan')])[0]:.1f} at end.")
     lines.append("")
-    lines.append("| measurement | median s | runs (s) | rows read from DB | peak RSS MB |")
-    lines.append("|---|---:|---|---:|---:|")
+    lines.append("| measurement | median s | runs (s) | rows read from DB | peak RSS MB | client CPU s |")
+    lines.append("|---|---:|---|---:|---:|---:|")
+
+    def cpu(runs):
+        xs = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
+        return f"{median(xs):.1f}" if xs else ""
 
     def fmt_runs(xs):
         return ", ".join(f"{x:.1f}" for x in xs)
@@ -521,7 +530,7 @@ def render(res: dict) -> str:
     b_med = median([r["seconds"] for r in base])
     if base:
         lines.append(f"| baseline: `pandas.read_sql` + `to_hdf` | {b_med:.1f} | {fmt_runs([r['seconds'] for r in base])} "
-                     f"| {base[0]['rows']:,} | {max(r['peak_rss_mb_wait4'] for r in base):.0f} |")
+                     f"| {base[0]['rows']:,} | {max(r['peak_rss_mb_wait4'] for r in base):.0f} | {cpu(base)} |")
     lim = res.get("limit")
     l_med = float("nan")
     if lim:
@@ -531,21 +540,21 @@ def render(res: dict) -> str:
         l_med = c + h
         what = "COPY … TO '/dev/null' (server)" if copy_key == "copy_server" else "COPY … TO STDOUT (discarded)"
         lines.append(f"| limit: {what} + `to_hdf` | {l_med:.1f} | copy {fmt_runs(runs[copy_key])}; "
-                     f"to_hdf {fmt_runs(runs['to_hdf'])} | {lim['rows']:,} | – |")
+                     f"to_hdf {fmt_runs(runs['to_hdf'])} | {lim['rows']:,} | – | |")
         if runs["copy_server"]:
             lines.append(f"| (for reference) COPY … TO STDOUT read by psycopg | {median(runs['copy_stdout']):.1f} | "
-                         f"{fmt_runs(runs['copy_stdout'])} | | |")
+                         f"{fmt_runs(runs['copy_stdout'])} | | | |")
     full_med: dict[str, float] = {}
     for v, runs in (res.get("full") or {}).items():
         full_med[v] = median([r["seconds"] for r in runs])
         lines.append(f"| full export `{v}` | {full_med[v]:.1f} | {fmt_runs([r['seconds'] for r in runs])} | "
-                     f"{runs[0]['rows_read']:,} | {max(r['peak_rss_mb_wait4'] for r in runs):.0f} |")
+                     f"{runs[0]['rows_read']:,} | {max(r['peak_rss_mb_wait4'] for r in runs):.0f} | {cpu(runs)} |")
     inc_med: dict[str, float] = {}
     for v, runs in (res.get("incremental") or {}).items():
         inc_med[v] = median([r["seconds"] for r in runs])
         lines.append(f"| incremental day `{v}` | {inc_med[v]:.1f} | {fmt_runs([r['seconds'] for r in runs])} | "
                      f"{_commas(r['rows_read'] for r in runs)} of {runs[-1]['rows']:,} in the snapshot | "
-                     f"{max(r['peak_rss_mb_wait4'] for r in runs):.0f} |")
+                     f"{max(r['peak_rss_mb_wait4'] for r in runs):.0f} | {cpu(runs)} |")
     lines.append("")
     lines.append("| target | measured | met |")
     lines.append("|---|---|---|")

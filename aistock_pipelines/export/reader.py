@@ -2,9 +2,12 @@
 
 Why ADBC: the PostgreSQL ADBC driver streams ``COPY … (FORMAT binary)`` into Arrow record batches, 6×
 faster than ``pandas.read_sql`` (REFERENCE §5); scaling and the factor join run in SQL, so Python only
-assembles columns. Codes and dates are bound parameters (``$1``…), identifiers come from the validated
-mapping and are quoted. One ``ReadSession`` is one REPEATABLE READ transaction, so the rows an export reads
-and the checksums it records describe the same database state.
+assembles columns. Codes and dates are bound parameters (``$1``…) everywhere except the bulk SELECT of
+:meth:`ReadSession.load_daily`, where they are inlined as typed literals (``DATE '…'`` from ``date``
+objects, codes validated by ``check_codes`` and quoted): the driver streams ``COPY`` only for a statement
+without parameters (see :func:`_inline`). Identifiers come from the validated mapping and are quoted. One
+``ReadSession`` is one REPEATABLE READ transaction, so the rows an export reads and the checksums it
+records describe the same database state.
 """
 
 from __future__ import annotations
