@@ -75,3 +75,18 @@ class EmbeddedPostgres:
             atexit.unregister(server._cleanup)
             server.global_process_id_list.get_and_remove(os.getpid())
         return True
+
+
+def admin_server(url: str | None, pgdata: Path) -> tuple[str, EmbeddedPostgres | None]:
+    """A libpq admin URL: ``url`` when given, else the embedded server in ``pgdata`` (started if needed).
+
+    Also returns the embedded server when this call started it (``None`` otherwise), so a benchmark can
+    stop exactly what it started and leave a server someone else runs alone.
+    """
+    if url:
+        from aistock_pipelines.db import libpq_url
+
+        return libpq_url(url), None
+    server = EmbeddedPostgres(pgdata, database="postgres")
+    started = None if server.is_running() else server
+    return server.start(), started

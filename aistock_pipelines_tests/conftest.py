@@ -29,12 +29,9 @@ TEST_MARKET = MarketSpec()
 
 
 def _server_url() -> str:
-    url = os.environ.get("AISTOCK_TEST_DB_URL", "").strip()
-    if url:
-        return libpq_url(url)
-    from aistock_pipelines.embedded_db import EmbeddedPostgres
+    from aistock_pipelines.embedded_db import admin_server
 
-    return EmbeddedPostgres(REPO / ".aistock" / "test-pgdata", database="postgres").start()
+    return admin_server(os.environ.get("AISTOCK_TEST_DB_URL", "").strip() or None, REPO / ".aistock" / "test-pgdata")[0]
 
 
 def _with_database(url: str, name: str) -> str:

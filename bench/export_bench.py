@@ -359,18 +359,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from aistock_pipelines.db import libpq_url
     from aistock_pipelines.demo.market import MarketSpec
+    from aistock_pipelines.embedded_db import admin_server
 
     facts = machine_facts()
     t_all = time.perf_counter()
-    started_server = None
-    if args.db_url:
-        admin_url = libpq_url(args.db_url)
-    else:
-        from aistock_pipelines.embedded_db import EmbeddedPostgres
-
-        server = EmbeddedPostgres(args.pgdata, database="postgres")
-        started_server = None if server.is_running() else server
-        admin_url = server.start()
+    admin_url, started_server = admin_server(args.db_url, args.pgdata)
 
     def db_url(name: str) -> str:
         return libpq_url(make_url(admin_url).set(database=name).render_as_string(hide_password=False))

@@ -51,6 +51,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 from aistock_pipelines.db import create_db_engine, libpq_url  # noqa: E402
 from aistock_pipelines.demo.market import MarketSpec, seed_demo_market  # noqa: E402
+from aistock_pipelines.embedded_db import EmbeddedPostgres, admin_server  # noqa: E402
 from aistock_pipelines.export.reader import DBReader  # noqa: E402
 from aistock_pipelines.export.snapshot_writer import SnapshotOptions  # noqa: E402
 from aistock_pipelines.live import FrameLatestBarProvider, LiveDataAdapter  # noqa: E402
@@ -149,15 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         args.instruments, args.days, args.repeat = 500, 200, 5
 
-    started_server = None
-    if args.db_url:
-        admin_url = libpq_url(args.db_url)
-    else:
-        from aistock_pipelines.embedded_db import EmbeddedPostgres
-
+    admin_url, started_server = admin_server(args.db_url, args.pgdata)
+    if not args.db_url:
         server = EmbeddedPostgres(args.pgdata, database="postgres")
-        started_server = None if server.is_running() else server
-        admin_url = server.start()
         with psycopg.connect(admin_url, autocommit=True) as conn:
             current = conn.execute("SELECT setting::bigint * 8192 FROM pg_settings WHERE name = 'shared_buffers'").fetchone()[0]
             wanted = conn.execute("SELECT pg_size_bytes(%s)", (args.shared_buffers,)).fetchone()[0]
