@@ -252,3 +252,36 @@ def test_a_second_writer_is_locked_out(exported):
     with ex.writer.lock("demo"):
         with pytest.raises(SnapshotLocked, match="another process"):
             ex.export_full("demo", START)
+
+
+def test_bulk_reads_bind_their_bounds_folded_or_per_row(market_db):
+    """Dates and codes reach the server as bound parameters (set_config), never as SQL text; with the
+    session's IMMUTABLE bound functions (planned like literals) and without them (a connection that cannot
+    create temporary objects) the rows are the same."""
+    import adbc_driver_postgresql.dbapi as adbc
+
+    reader = DBReader(create_db_engine(market_db), DEMO_MAPPING, market_db)
+    first, last = date(2022, 3, 1), date(2022, 6, 30)
+    with reader.session() as s:
+        sql = s._select_sql(False, folded=True)
+        assert "pg_temp.aistock_read_start()" in sql and "2022" not in sql and "$" not in sql
+        whole = s.load_daily(None, first, last)
+        codes = sorted(whole.index.get_level_values("instrument").unique())[::7]
+        some = s.load_daily(codes, first, last)
+        assert s.bind_bounds(first, last, None) is True, "DBReader.connect() created the bound functions"
+    days = whole.index.get_level_values("datetime")
+    assert days.min() == pd.Timestamp("2022-03-01") and days.max() == pd.Timestamp("2022-06-30"), "both ends inclusive"
+    expected = whole[whole.index.get_level_values("instrument").isin(codes)]
+    pd.testing.assert_frame_equal(some, expected)
+    plain = adbc.connect(reader._url, autocommit=True)  # no bound functions: current_setting per row
+    try:
+        with reader.session(plain) as s:
+            assert s.bind_bounds(first, last, None) is False
+            pd.testing.assert_frame_equal(s.load_daily(None, first, last), whole)
+            pd.testing.assert_frame_equal(s.load_daily(codes, first, last), expected)
+    finally:
+        plain.close()
+    with pytest.raises(Exception, match="malformed ts_code"):
+        with reader.session() as s:
+            s.load_daily(["000001.SZ'); DROP TABLE market.kline_daily_qfq; --"], first, last)
+    reader.engine.dispose()

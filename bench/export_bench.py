@@ -97,16 +97,20 @@ def _options(variant: str):
     return SnapshotOptions(**v, factor_tables=tuple(ft) if ft is not None else None)
 
 
-def _export_query(url: str, variant: str) -> tuple[str, date]:
-    """The exporter's own SELECT for the whole range, with the dates inlined (COPY takes no parameters)."""
+def _export_query(url: str, variant: str) -> tuple[str, list[tuple[str, dict]]]:
+    """The exporter's own SELECT for the whole range, and the statements (SQL with ``:name`` parameters) that
+    prepare a session for it as the reader does: the bound functions and the bounds, session-wide."""
+    from aistock_pipelines.export.reader import BOUND_FUNCTIONS_DDL, READ_BOUNDS
+
     ex = _exporter(url, tempfile.gettempdir())
     reader = ex._reader_for(_options(variant))
     with reader.session() as s:
         end = s._arrow("SELECT max(trade_date) FROM market.kline_daily_qfq", ()).column(0)[0].as_py()
-        sql, _ = s._select_sql(False)
-    sql = sql.replace("$1", f"DATE '{START.isoformat()}'").replace("$2", f"DATE '{end.isoformat()}'")
+        sql = s._select_sql(False)
     ex.reader.engine.dispose()
-    return sql, end
+    bounds = {READ_BOUNDS["start"]: START.isoformat(), READ_BOUNDS["end"]: end.isoformat(), READ_BOUNDS["codes"]: ""}
+    return sql, [(ddl, {}) for ddl in BOUND_FUNCTIONS_DDL] + [
+        ("SELECT set_config(:name, :value, false)", {"name": n, "value": v}) for n, v in bounds.items()]
 
 
 def work_seed(p: dict) -> dict:
@@ -130,11 +134,13 @@ def work_baseline(p: dict) -> dict:
 
     from aistock_pipelines.db import create_db_engine
 
-    sql, _ = _export_query(p["url"], p["variant"])
+    sql, prepare = _export_query(p["url"], p["variant"])
     engine = create_db_engine(p["url"])
     out = Path(p["out_h5"])
     t0 = time.perf_counter()
     with engine.connect() as conn:
+        for statement, params in prepare:
+            conn.execute(sa.text(statement), params)
         df = pd.read_sql(sa.text(sql), conn)
     t1 = time.perf_counter()
     df.index = pd.MultiIndex.from_arrays(
@@ -155,11 +161,18 @@ def work_limit(p: dict) -> dict:
     """Repeats inside one process: the server's COPY, COPY TO STDOUT discarded, to_hdf of the exported frame."""
     import pandas as pd
     import psycopg
+    import sqlalchemy as sa
 
-    sql, _ = _export_query(p["url"], p["variant"])
+    from aistock_pipelines.db import create_db_engine
+
+    sql, prepare = _export_query(p["url"], p["variant"])
     runs: dict[str, list[float]] = {"copy_server": [], "copy_stdout": [], "to_hdf": []}
     server_side_error = None
-    with psycopg.connect(p["url"], autocommit=True) as conn:
+    engine = create_db_engine(p["url"])
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as sa_conn:
+        for statement, params in prepare:
+            sa_conn.execute(sa.text(statement), params)
+        conn = sa_conn.connection.driver_connection
         for _ in range(p["repeat"]):
             if server_side_error is None:
                 t = time.perf_counter()
