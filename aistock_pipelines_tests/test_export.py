@@ -285,3 +285,30 @@ def test_bulk_reads_bind_their_bounds_folded_or_per_row(market_db):
         with reader.session() as s:
             s.load_daily(["000001.SZ'); DROP TABLE market.kline_daily_qfq; --"], first, last)
     reader.engine.dispose()
+
+
+def test_prefetched_batches_keep_order_raise_errors_and_stop_early():
+    """The read-ahead thread of bulk reads: every batch in order, a reader error raised in the caller,
+    and a caller that stops early leaves no thread behind."""
+    import threading
+
+    import pyarrow as pa
+
+    from aistock_pipelines.export.reader import _prefetched
+
+    schema = pa.schema([("x", pa.int64())])
+    batches = [pa.record_batch([pa.array([i, i + 1])], schema=schema) for i in range(0, 40, 2)]
+    got = [b.column(0).to_pylist() for b in _prefetched(pa.RecordBatchReader.from_batches(schema, iter(batches)))]
+    assert got == [[i, i + 1] for i in range(0, 40, 2)]
+
+    def failing():
+        yield batches[0]
+        raise OSError("server closed the connection")
+
+    with pytest.raises(OSError, match="server closed"):
+        list(_prefetched(pa.RecordBatchReader.from_batches(schema, failing())))
+
+    stream = _prefetched(pa.RecordBatchReader.from_batches(schema, iter(batches)), depth=1)
+    assert next(stream).column(0).to_pylist() == [0, 1]
+    stream.close()  # the caller stops: the thread must be gone before the cursor would close
+    assert not [t for t in threading.enumerate() if t.name == "adbc-prefetch"]

@@ -13,7 +13,9 @@ records describe the same database state.
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -231,15 +233,15 @@ class ReadSession:
         """:meth:`load_daily` as its parts: a writable row-major float64 block owned by the caller (who may
         finish it in place — the exporter does), the sorted index and the column names.
 
-        Each Arrow batch is copied into a row-major block as it arrives and released (dates and codes
-        become integer codes in Arrow: no Python object per row); whole rows are then gathered into sorted
-        order. ``expected_rows`` (the exporter takes it from :meth:`checksums`) sizes that block up front;
+        Each Arrow batch (decoded by a second thread: :func:`_prefetched`) is copied into a row-major block
+        as it arrives and released (dates and codes become integer codes in Arrow: no Python object per
+        row); whole rows are then gathered into sorted order. ``expected_rows`` (the exporter takes it from :meth:`checksums`) sizes that block up front;
         past it the block grows by doubling (a copy each time)."""
         folded = self.bind_bounds(start, end, ts_codes)
         rows = _RowChunks(self.resolved, expected_rows)
         with self.conn.cursor() as cur:
             cur.execute(self._select_sql(ts_codes is not None, folded))
-            for batch in cur.fetch_record_batch():
+            for batch in _prefetched(cur.fetch_record_batch()):
                 rows.add(batch)
         if not rows.rows:
             empty = logical_frame(_batch_to_frame(None, self._select_names()), self.resolved)
@@ -287,6 +289,45 @@ class ReadSession:
             return f" AND {alias}.trade_date BETWEEN {first} AND {last}"
 
         return feature_select_sql(self.resolved, bounded, f"WHERE b.trade_date BETWEEN {first} AND {last}")
+
+
+def _prefetched(batches: pa.RecordBatchReader, depth: int = 3) -> Iterator[pa.RecordBatch]:
+    """``batches``, read and decoded by a second thread while the caller copies the previous ones.
+
+    Without it the socket is drained only between the caller's copies, so the server waits on a full
+    socket buffer while the client copies, and the client waits while the server produces (measured at
+    5.6 M × 21: reads of 37–40 s became 29–34 s). PyArrow releases the GIL while the ADBC driver reads and
+    decodes the next batch. If the caller stops early, the thread stops after its current batch and is
+    joined before the cursor closes."""
+    done = object()
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                slots.put(batch)
+                if stop.is_set():
+                    return
+            slots.put(done)
+        except BaseException as e:  # handed to the caller, raised there
+            slots.put(e)
+
+    thread = threading.Thread(target=pump, name="adbc-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a pending put, then wait for the thread to return
+            try:
+                slots.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def _batch_to_frame(batch: pa.RecordBatch | None, names: list[str] | None = None) -> pd.DataFrame:
