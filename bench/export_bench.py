@@ -21,7 +21,8 @@ that did only this, read with ``os.wait4`` per child), against the same database
   ``allA`` = plain columns / ts_code names / float64 / all factor tables (as ``demo_allA``);
   ``qlib`` = ``$`` columns / SH600000 names / float32 / bars only (as ``demo_qlib``, over the full range).
   Each run creates the snapshot (the previous run's is removed first, untimed). Phase timings come from
-  ``ExportResult.timings``.
+  ``ExportResult.timings``. Before every measurement the bench calls ``sync`` (untimed), so a run starts
+  with no writeback pending from the previous one.
 * **incremental** — per repeat, ``advance_market`` appends one trading day with ``--events`` ex-dividend
   restatements (each rewrites that instrument's whole qfq history), then ``export_incremental`` per variant.
   Rows read from the database are reported beside the snapshot's size.
@@ -289,6 +290,10 @@ def run_worker(task: str, params: dict, tmp: Path, label: str) -> dict:
     pfile.write_text(json.dumps(params, default=str))
     if ofile.exists():
         ofile.unlink()
+    # Untimed: flush what earlier measurements wrote or deleted (≈ 1.5 GB and 84,000 files per full export),
+    # so no run pays for another's writeback — measured without it: write_bins 3.4 s in the first full
+    # export, 20–26 s in the two that followed it.
+    os.sync()
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_worker", task, str(pfile), str(ofile)],
                             cwd=REPO)
