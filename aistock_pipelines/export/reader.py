@@ -5,9 +5,8 @@ faster than ``pandas.read_sql`` (REFERENCE §5); scaling and the factor join run
 assembles columns. Codes and dates are always bound parameters, never SQL text: the bulk SELECT of
 :meth:`ReadSession.load_daily` reads them from settings of its transaction, set by a bound ``set_config``
 (see :data:`READ_BOUNDS`), because the driver streams ``COPY`` only for a statement without parameters.
-Identifiers come from the validated mapping and are quoted. One
-``ReadSession`` is one REPEATABLE READ transaction, so the rows an export reads and the checksums it
-records describe the same database state.
+Identifiers come from the validated mapping and are quoted. One ``ReadSession`` is one REPEATABLE READ
+transaction, so the rows an export reads and the checksums it records describe the same database state.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ _CODES = f"string_to_array(current_setting('{READ_BOUNDS['codes']}'), ',')"
 #: falls back to the direct form — same rows, slower scans.
 _FOLDED_BOUNDS = {key: f"pg_temp.aistock_read_{key}()" for key in ("start", "end")}
 BOUND_FUNCTIONS_DDL = [f"CREATE OR REPLACE FUNCTION {fn} RETURNS date LANGUAGE sql IMMUTABLE PARALLEL SAFE "
-                  f"AS $$ SELECT current_setting('{READ_BOUNDS[key]}')::date $$" for key, fn in _FOLDED_BOUNDS.items()]
+                       f"AS $$ SELECT current_setting('{READ_BOUNDS[key]}')::date $$" for key, fn in _FOLDED_BOUNDS.items()]
 
 
 def _bound_dates(folded: bool) -> tuple[str, str]:
@@ -235,8 +234,8 @@ class ReadSession:
 
         Each Arrow batch (decoded by a second thread: :func:`_prefetched`) is copied into a row-major block
         as it arrives and released (dates and codes become integer codes in Arrow: no Python object per
-        row); whole rows are then gathered into sorted order. ``expected_rows`` (the exporter takes it from :meth:`checksums`) sizes that block up front;
-        past it the block grows by doubling (a copy each time)."""
+        row); whole rows are then gathered into sorted order. ``expected_rows`` (the exporter takes it from
+        :meth:`checksums`) sizes that block up front; past it the block grows by doubling (a copy each time)."""
         folded = self.bind_bounds(start, end, ts_codes)
         rows = _RowChunks(self.resolved, expected_rows)
         with self.conn.cursor() as cur:
