@@ -83,6 +83,21 @@ def test_every_value_equals_the_database_after_unit_scaling(exported, market_db)
     engine.dispose()
 
 
+def test_seed_reader_interface_returns_the_snapshot_frame(exported, market_db):
+    """``DBReader.load_daily`` (seed §5.3) gives exactly what a float64 / ts_code snapshot stores, ``change``
+    included (one definition of it: ``frames``), and ``get_all_ts_codes`` keeps delisted codes."""
+    ex, result, path = exported
+    reader = DBReader(create_db_engine(market_db), DEMO_MAPPING, market_db)
+    frame = reader.load_daily(None, START, None)
+    # pandas reads the stored instrument level back as its string dtype; the reader's is object (to_hdf needs it)
+    pd.testing.assert_frame_equal(frame, read_h5(path), check_exact=True, check_index_type=False)
+    assert frame.index.levels[1].dtype == object
+    assert frame["change"].notna().sum() > 0
+    codes = reader.get_all_ts_codes()
+    assert codes == sorted(frame.index.unique(level="instrument")) and len(codes) == result.instruments
+    reader.engine.dispose()
+
+
 def test_layout_meta_calendar_instruments(exported, market_db):
     ex, result, path = exported
     assert path.is_symlink(), "the snapshot path is swapped atomically as a symlink"

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import libpq_url
 from aistock_pipelines.export.daily_features import feature_select_sql
-from aistock_pipelines.export.frames import INDEX_NAMES, make_index, sort_order
+from aistock_pipelines.export.frames import INDEX_NAMES, finish_in_place, make_index, sort_order
 from aistock_pipelines.export.mapping import ExportMapping, ResolvedMapping, quote_table, resolve_mapping
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class ReadSession:
 
     def load_daily(self, ts_codes: list[str] | None, start: date, end: date) -> pd.DataFrame:
         """Logical frame for [start, end]: MultiIndex (datetime, instrument=ts_code), float64 columns in
-        ``resolved.logical_columns`` order minus ``change`` (cross-row; see :func:`add_change`)."""
+        ``resolved.logical_columns`` order, ``change`` NaN (cross-row: :func:`frames.finish_in_place`)."""
         block, index, columns = self.load_daily_block(ts_codes, start, end)
         return pd.DataFrame(block, index=index, columns=columns, copy=False)
 
@@ -410,7 +410,8 @@ def _assemble(date_codes: np.ndarray, date_levels: np.ndarray, inst_codes: np.nd
     ``column(name)`` → float64 values: rows sorted by (datetime, instrument) through the integer codes, one
     row-major float64 block (a row's values contiguous: pandas' fixed-format HDF5 writer stores it without
     a transposed copy)."""
-    perm = np.argsort(date_codes.astype(np.int64) * max(len(inst_levels), 1) + inst_codes, kind="stable")
+    width = max(len(inst_levels), 1)
+    perm = sort_order(date_codes.astype(np.int64) * width + inst_codes, len(date_levels) * width)
     names = list(resolved.logical_columns)
     at = {name: j for j, name in enumerate(names)}
     block = np.empty((len(perm), len(names)), dtype=np.float64)
@@ -433,17 +434,6 @@ def _derive(block: np.ndarray, at: dict[str, int], resolved: ResolvedMapping) ->
         with np.errstate(divide="ignore", invalid="ignore"):
             block[:, at["volume"]] = raw_shares / factor
             block[:, at["vwap"]] = amount / np.where(raw_shares > 0, raw_shares, np.nan) * factor
-
-
-def add_change(frame: pd.DataFrame) -> pd.DataFrame:
-    """``change`` = close / previous close − 1 within each instrument (Qlib's $change); needs the frame
-    sorted by datetime. Computed on the final frame by every path, so the values never depend on how the
-    rows were assembled."""
-    if frame.empty:
-        return frame
-    prev = frame["close"].groupby(level="instrument", sort=False).shift(1)
-    frame["change"] = frame["close"] / prev - 1.0
-    return frame
 
 
 class DBReader:
@@ -504,4 +494,5 @@ class DBReader:
 
     def load_daily(self, ts_codes: list[str] | None, start: date | None, end: date | None) -> pd.DataFrame:
         with self.session() as s:
-            return add_change(s.load_daily(ts_codes, start or date(1900, 1, 1), end or date(2999, 12, 31)))
+            block, index, columns = s.load_daily_block(ts_codes, start or date(1900, 1, 1), end or date(2999, 12, 31))
+        return finish_in_place(block, index, columns, "float64")  # ``change``, as every snapshot computes it
