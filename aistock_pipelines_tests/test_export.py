@@ -278,8 +278,8 @@ def test_bulk_reads_bind_their_bounds_folded_or_per_row(market_db):
     reader = DBReader(create_db_engine(market_db), DEMO_MAPPING, market_db)
     first, last = date(2022, 3, 1), date(2022, 6, 30)
     with reader.session() as s:
-        sql = s._select_sql(False, folded=True)
-        assert "pg_temp.aistock_read_start()" in sql and "2022" not in sql and "$" not in sql
+        for sql in s.statements(False, folded=True) + s.statements(True, folded=True):
+            assert "pg_temp.aistock_read_start()" in sql and "2022" not in sql and "$" not in sql
         whole = s.load_daily(None, first, last)
         codes = sorted(whole.index.get_level_values("instrument").unique())[::7]
         some = s.load_daily(codes, first, last)
@@ -300,6 +300,54 @@ def test_bulk_reads_bind_their_bounds_folded_or_per_row(market_db):
         with reader.session() as s:
             s.load_daily(["000001.SZ'); DROP TABLE market.kline_daily_qfq; --"], first, last)
     reader.engine.dispose()
+
+
+def test_key_join_of_the_bulk_read_equals_the_view(market_db):
+    """The reader joins the source tables on (ts_code, trade_date) in Python; ``market.daily_features`` joins
+    the same SELECTs in SQL. Equal, value for value, also where the join is unusual: a raw close of 0 (factor
+    NULL), a missing raw row, a factor row without a bar (dropped), a bar without factor rows (NaN). A factor
+    table with a duplicate key is refused, naming the table and an example."""
+    from aistock_pipelines.export.daily_features import create_view
+    from aistock_pipelines.export.reader import DataGateError
+
+    engine = create_db_engine(market_db)
+    with engine.begin() as conn:
+        code, dup = conn.exec_driver_sql(
+            "SELECT ts_code FROM market.kline_daily_qfq WHERE trade_date IN ('2022-03-02', '2022-03-03', '2022-03-10') "
+            "GROUP BY ts_code HAVING count(*) = 3 ORDER BY 1 LIMIT 2").scalars().all()
+        conn.exec_driver_sql(f"UPDATE market.kline_daily_raw SET close_li = 0 WHERE ts_code = '{code}' AND trade_date = '2022-03-02'")
+        conn.exec_driver_sql(f"DELETE FROM market.kline_daily_raw WHERE ts_code = '{code}' AND trade_date = '2022-03-03'")
+        conn.exec_driver_sql("DELETE FROM market.daily_basic WHERE trade_date = '2022-03-04'")
+        conn.exec_driver_sql("INSERT INTO market.daily_basic (ts_code, trade_date, pb) VALUES ('999999.SZ', '2022-03-04', 1.5)")
+    reader = DBReader(engine, DEMO_MAPPING, market_db)
+    create_view(engine, reader.resolved)
+    first, last = date(2022, 3, 1), date(2022, 3, 31)
+    frame = reader.load_daily(None, first, last)
+    with engine.connect() as conn:
+        view = pd.read_sql(sa.text("SELECT * FROM market.daily_features WHERE trade_date BETWEEN :a AND :b"), conn,
+                           params={"a": first, "b": last})
+    view.index = pd.MultiIndex.from_arrays([pd.to_datetime(view.pop("trade_date")), view.pop("ts_code")],
+                                           names=["datetime", "instrument"])
+    view = view.sort_index()
+    assert frame.index.equals(view.index)
+    factor = view["factor"].to_numpy(dtype=float)
+    assert np.isnan(frame.loc[(pd.Timestamp("2022-03-02"), code), "factor"])
+    assert np.isnan(frame.loc[(pd.Timestamp("2022-03-03"), code), "factor"])
+    assert frame.xs(pd.Timestamp("2022-03-04"))["db_pb"].isna().all()
+    for name in view.columns:
+        got = frame[name].to_numpy()
+        want = view[name].to_numpy(dtype=float) / factor if name == "volume" else view[name].to_numpy(dtype=float)
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE market.daily_basic DROP CONSTRAINT daily_basic_pkey")
+        conn.exec_driver_sql("INSERT INTO market.daily_basic SELECT * FROM market.daily_basic "
+                             f"WHERE ts_code = '{dup}' AND trade_date = '2022-03-10'")
+    with pytest.raises(DataGateError, match=rf"duplicate \(ts_code, trade_date\) rows in market.daily_basic: 2022-03-10 {dup}"):
+        reader.load_daily(None, first, last)
+    # the refused read ended its transaction cleanly: the next read on a new session works
+    pd.testing.assert_frame_equal(reader.load_daily([code], first, last),
+                                  frame[frame.index.get_level_values("instrument") == code])
+    engine.dispose()
 
 
 def test_prefetched_batches_keep_order_raise_errors_and_stop_early():

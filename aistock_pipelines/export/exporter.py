@@ -27,14 +27,10 @@ import pandas as pd
 from aistock_pipelines.export.mapping import quote_table
 from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
 from aistock_pipelines.export import frames
-from aistock_pipelines.export.reader import DBReader, ReadSession, check_codes
+from aistock_pipelines.export.reader import DataGateError, DBReader, ReadSession, check_codes
 from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotOptions, SnapshotWriter, check_snapshot_id
 
 PRICE_COLUMNS = ["open", "high", "low", "close"]
-
-
-class DataGateError(ValueError):
-    """Source data a consumer must not receive; the message names examples. Nothing was written."""
 
 
 class DataNotReady(RuntimeError):
@@ -185,10 +181,10 @@ class QlibDailyExporter:
         with reader.session() as s:
             end, days = self._effective_end(s, start, end)
             t = time.perf_counter()
-            sums = s.checksums(start, None, end, universe)  # first: its row count sizes the read's block
+            sums = s.checksums(start, None, end, universe)
             check_s = time.perf_counter() - t
             t = time.perf_counter()
-            block, index, columns = s.load_daily_block(universe, start, end, expected_rows=int(sums["rows_all"].sum()))
+            block, index, columns = s.load_daily_block(universe, start, end)
             frame = pd.DataFrame(block, index=index, columns=columns, copy=False)
             read_s = time.perf_counter() - t
             rows_read = s.rows_read

@@ -18,7 +18,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
-from typing import Iterator
+from typing import Iterable, Iterator, TypeVar
 
 import adbc_driver_postgresql.dbapi as adbc
 import numpy as np
@@ -28,11 +28,12 @@ import pyarrow.compute as pc
 from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import libpq_url
-from aistock_pipelines.export.daily_features import feature_select_sql
+from aistock_pipelines.export.daily_features import SourceSelect, source_selects
 from aistock_pipelines.export.frames import INDEX_NAMES, finish_in_place, make_index, sort_order
 from aistock_pipelines.export.mapping import ExportMapping, ResolvedMapping, quote_table, resolve_mapping
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _CODE = re.compile(r"^[A-Za-z0-9]{1,12}\.[A-Za-z]{2,4}$")
 _EPOCH = "DATE '1990-01-01'"
 
@@ -101,6 +102,10 @@ def _bound_dates(folded: bool) -> tuple[str, str]:
 
 class ReaderError(RuntimeError):
     pass
+
+
+class DataGateError(ValueError):
+    """Source data a consumer must not receive; the message names examples. Nothing was written."""
 
 
 def check_codes(ts_codes: list[str]) -> list[str]:
@@ -227,26 +232,20 @@ class ReadSession:
         block, index, columns = self.load_daily_block(ts_codes, start, end)
         return pd.DataFrame(block, index=index, columns=columns, copy=False)
 
-    def load_daily_block(self, ts_codes: list[str] | None, start: date, end: date, *,
-                         expected_rows: int = 0) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
+    def load_daily_block(self, ts_codes: list[str] | None, start: date, end: date) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
         """:meth:`load_daily` as its parts: a writable row-major float64 block owned by the caller (who may
         finish it in place — the exporter does), the sorted index and the column names.
 
-        Each Arrow batch (decoded by a second thread: :func:`_prefetched`) is copied into a row-major block
-        as it arrives and released (dates and codes become integer codes in Arrow: no Python object per
-        row); whole rows are then gathered into sorted order. ``expected_rows`` (the exporter takes it from
-        :meth:`checksums`) sizes that block up front; past it the block grows by doubling (a copy each time)."""
+        One SELECT per source table (:func:`source_selects`: bars, raw bars, factor tables), run one after
+        the other on this session's connection by a second thread (:func:`_prefetched`) while this one
+        places the rows (:class:`_KeyJoin`): the server only scans and converts, and the key join costs the
+        client a few array operations per batch."""
         folded = self.bind_bounds(start, end, ts_codes)
-        rows = _RowChunks(self.resolved, expected_rows)
-        with self.conn.cursor() as cur:
-            cur.execute(self._select_sql(ts_codes is not None, folded))
-            for batch in _prefetched(cur.fetch_record_batch()):
-                rows.add(batch)
-        if not rows.rows:
-            empty = logical_frame(_batch_to_frame(None, self._select_names()), self.resolved)
-            return empty.to_numpy().copy(), empty.index, list(empty.columns)
-        self.rows_read += rows.rows
-        return rows.assemble()
+        join = _KeyJoin(self.resolved)
+        for i, batch in _prefetched(_statement_batches(self.conn, self.statements(ts_codes is not None, folded))):
+            join.add(i, batch)
+        self.rows_read += join.rows
+        return join.result()
 
     def bind_bounds(self, start: date, end: date, ts_codes: list[str] | None) -> bool:
         """Set :data:`READ_BOUNDS` for the rest of this transaction, the values as bound parameters.
@@ -260,57 +259,58 @@ class ReadSession:
 
     # -------------------------------------------------------------------------------- internals
 
-    def _select_names(self) -> list[str]:
-        r = self.resolved
-        names = ["trade_date", "ts_code", *r.base_fields]
-        if r.mapping.has_factor:
-            names.append("factor")
-        return names + r.factor_fields
-
-    def _select_sql(self, filtered: bool, folded: bool = True) -> str:
-        """:func:`feature_select_sql` (the ``market.daily_features`` definition) bounded by :data:`READ_BOUNDS`."""
+    def statements(self, filtered: bool, folded: bool = True) -> list[str]:
+        """The bulk read's SELECTs, one per :func:`source_selects` entry, bounded by :data:`READ_BOUNDS`."""
         first, last = _bound_dates(folded)
-        if filtered:
-            # Per requested code, range scans on every table's (ts_code, trade_date) key, merge-joined in key
-            # order. The planner picks that shape inside a LATERAL; over the whole window it hash-joins every
-            # table instead: 1.3–2× slower (measured 6 … 5,000 codes, 60 days … 3.5 years) and 20–40 ms of
-            # planning for a 5,000-element array. ``check_codes`` de-duplicates, so no row repeats.
-            def per_code(alias: str) -> str:
-                return f" AND {alias}.trade_date BETWEEN {first} AND {last} AND {alias}.ts_code = c.code"
 
-            inner = feature_select_sql(self.resolved, per_code, f"WHERE b.ts_code = c.code AND b.trade_date BETWEEN {first} AND {last}")
-            return f"SELECT x.* FROM unnest({_CODES}) AS c(code) CROSS JOIN LATERAL ({inner}) x"
+        def bounded(s: SourceSelect) -> str:
+            a = s.alias
+            if filtered:
+                # Per requested code, a range scan on the table's (ts_code, trade_date) key. Over the whole
+                # window the planner would scan the table instead; ``check_codes`` de-duplicates the codes.
+                inner = s.sql(f"WHERE {a}.ts_code = c.code AND {a}.trade_date BETWEEN {first} AND {last}")
+                return f"SELECT x.* FROM unnest({_CODES}) AS c(code) CROSS JOIN LATERAL ({inner}) x"
+            return s.sql(f"WHERE {a}.trade_date BETWEEN {first} AND {last}")
 
-        def bounded(alias: str) -> str:
-            # The bars' range repeated on the joined side: implied by the equi-join, but PostgreSQL does not
-            # carry range predicates across a join, and without them a short range (an incremental export's
-            # new days) hash-joins every row of the raw and factor tables (measured: 10× slower).
-            return f" AND {alias}.trade_date BETWEEN {first} AND {last}"
-
-        return feature_select_sql(self.resolved, bounded, f"WHERE b.trade_date BETWEEN {first} AND {last}")
+        return [bounded(s) for s in source_selects(self.resolved)]
 
 
-def _prefetched(batches: pa.RecordBatchReader, depth: int = 3) -> Iterator[pa.RecordBatch]:
-    """``batches``, read and decoded by a second thread while the caller copies the previous ones.
+def _statement_batches(conn: adbc.Connection, statements: list[str]) -> Iterator[tuple[int, pa.RecordBatch | None]]:
+    """``(i, batch)`` for each Arrow batch of statement ``i``, then ``(i, None)`` when it is done: the
+    statements one after another on one cursor (one transaction, one view of the database)."""
+    with conn.cursor() as cur:
+        for i, sql in enumerate(statements):
+            cur.execute(sql)
+            for batch in cur.fetch_record_batch():
+                yield i, batch
+            yield i, None
+
+
+def _prefetched(items: Iterable[T], depth: int = 3) -> Iterator[T]:
+    """``items``, produced by a second thread while the caller works on the previous ones.
 
     Without it the socket is drained only between the caller's copies, so the server waits on a full
     socket buffer while the client copies, and the client waits while the server produces (measured at
     5.6 M × 21: reads of 37–40 s became 29–34 s). PyArrow releases the GIL while the ADBC driver reads and
-    decodes the next batch. If the caller stops early, the thread stops after its current batch and is
-    joined before the cursor closes."""
+    decodes the next batch. If the caller stops early, the thread stops after its current item, closes
+    ``items`` (a generator's cursor closes in the thread that used it) and is joined."""
     done = object()
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def pump() -> None:
         try:
-            for batch in batches:
-                slots.put(batch)
+            for item in items:
+                slots.put(item)
                 if stop.is_set():
                     return
             slots.put(done)
         except BaseException as e:  # handed to the caller, raised there
             slots.put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=pump, name="adbc-prefetch", daemon=True)
     thread.start()
@@ -329,18 +329,11 @@ def _prefetched(batches: pa.RecordBatchReader, depth: int = 3) -> Iterator[pa.Re
         thread.join()
 
 
-def _batch_to_frame(batch: pa.RecordBatch | None, names: list[str] | None = None) -> pd.DataFrame:
-    if batch is None:
-        return pd.DataFrame({n: pd.Series(dtype="datetime64[ns]" if n == "trade_date" else "object" if n == "ts_code"
-                                          else "float64") for n in names or []})
-    return batch.to_pandas()
-
-
 def logical_frame(frame: pd.DataFrame, resolved: ResolvedMapping) -> pd.DataFrame:
-    """Rows shaped like the bulk SELECT (``trade_date, ts_code``, scaled base fields, ``factor``, factor
-    fields) → the logical frame: derived columns, (datetime, instrument) index, ``logical_columns`` order,
-    float64, sorted. Every row the project hands out passes through here — database rows and the live
-    adapter's latest bars alike — so the derivations have one definition (:func:`_assemble`)."""
+    """Rows shaped like the view ``market.daily_features`` (``trade_date, ts_code``, scaled base fields,
+    ``factor``, factor fields) → the logical frame: derived columns, (datetime, instrument) index,
+    ``logical_columns`` order, float64, sorted — how the live adapter's latest bars (rows that do not come
+    from the database) get exactly the shape and derivations of database rows (:func:`_derive`)."""
     date_codes, date_levels = pd.factorize(pd.DatetimeIndex(frame["trade_date"]).as_unit("ns").to_numpy(), sort=True)
     codes, levels = pd.factorize(frame["ts_code"].to_numpy(dtype=object), sort=True)
     block, index, columns = _assemble(date_codes, np.asarray(date_levels, dtype="datetime64[ns]"), codes,
@@ -349,58 +342,145 @@ def logical_frame(frame: pd.DataFrame, resolved: ResolvedMapping) -> pd.DataFram
     return pd.DataFrame(block, index=index, columns=columns, copy=False)
 
 
-class _RowChunks:
-    """The bulk read's Arrow batches copied, as they arrive, into one row-major block laid out like the
-    logical frame (derived columns are filled after sorting). An imported Arrow batch is freed only when
-    all its columns are (one release callback per batch), so nothing keeps a view into it. Sized by
-    ``capacity`` (grows by doubling past it: give the expected row count for big reads)."""
+def _batch_keys(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, list[str], pa.RecordBatch]:
+    """A batch's trade_date as int32 days since 1970, its ts_code as indices into a per-batch dictionary (no
+    Python object per row), and the batch itself without the rows whose key is NULL (they join nothing)."""
+    if batch.column(0).null_count or batch.column(1).null_count:
+        batch = batch.filter(pc.and_(pc.is_valid(batch.column(0)), pc.is_valid(batch.column(1))))
+    codes = pc.dictionary_encode(batch.column(1))
+    return (batch.column(0).cast(pa.int32()).to_numpy(zero_copy_only=False),
+            codes.indices.to_numpy(zero_copy_only=False), codes.dictionary.to_pylist(), batch)
 
-    def __init__(self, resolved: ResolvedMapping, capacity: int = 0) -> None:
+
+class _KeyJoin:
+    """The left join of :func:`source_selects` on ``(ts_code, trade_date)``, done on arrays as the batches
+    of the bulk read arrive (statement 0: the bars; then the joined tables).
+
+    The bars' batches are kept until their statement ends; then every bar gets its row in the sorted
+    (datetime, instrument) order, read off a dense grid of days × instruments (a row number per cell, −1
+    where an instrument has no bar that day), and the bars' columns are written into one row-major block of
+    exactly that many rows. A joined table's batch then costs a grid lookup per row and a scatter per column
+    straight into the block — no sort, no second copy of the block. Rows of a joined table without a bar are
+    dropped; bars without a row there get NaN. Two rows with one key in any table (which SQL's join would
+    turn into duplicate bars) are refused with examples, as a :class:`DataGateError`."""
+
+    def __init__(self, resolved: ResolvedMapping) -> None:
         self.resolved = resolved
+        self.selects = source_selects(resolved)
         self.names = list(resolved.logical_columns)
         self.at = {name: j for j, name in enumerate(self.names)}
-        self.block = np.empty((max(capacity, 1024), len(self.names)), dtype=np.float64)
-        self.days = np.empty(len(self.block), dtype=np.int32)
-        self.codes: list[tuple[np.ndarray, list[str]]] = []
+        self.bars: list[tuple[np.ndarray, np.ndarray, list[str], pa.RecordBatch]] = []
         self.rows = 0
+        self.block: np.ndarray | None = None
+        self.stamp: np.ndarray | None = None  # per row: the last joined-table row placed there (−1: none yet)
+        self.stamped = 0
+        self.duplicates: list[np.ndarray] = []  # row numbers with a duplicate key in the current table
+        self.errors: list[str] = []
 
-    def add(self, batch: pa.RecordBatch) -> None:
-        o, m = self.rows, batch.num_rows
-        if o + m > len(self.block):
-            size = max(o + m, 2 * len(self.block))
-            block, days = np.empty((size, len(self.names)), dtype=np.float64), np.empty(size, dtype=np.int32)
-            block[:o], days[:o] = self.block[:o], self.days[:o]
-            self.block, self.days = block, days
-        values = []
-        for name, col in zip(batch.schema.names, batch.columns):
-            if name == "trade_date":
-                self.days[o:o + m] = col.cast(pa.int32()).to_numpy(zero_copy_only=False)
-            elif name == "ts_code":
-                enc = pc.dictionary_encode(col)
-                self.codes.append((enc.indices.to_numpy(zero_copy_only=False, writable=True), enc.dictionary.to_pylist()))
+    def add(self, i: int, batch: pa.RecordBatch | None) -> None:
+        if i == 0:
+            if batch is None:
+                self._place_bars()
+            elif batch.num_rows:
+                self.bars.append(_batch_keys(batch))
+        elif batch is None:
+            self._finish_joined(self.selects[i])
+        elif batch.num_rows and self.rows:
+            self._add_joined(self.selects[i], batch)
+
+    def _place_bars(self) -> None:
+        bars, self.bars = self.bars, []
+        days = np.concatenate([b[0] for b in bars]) if bars else np.empty(0, dtype=np.int32)
+        self.levels = sorted({c for b in bars for c in b[2]})
+        self.code_no = {c: k for k, c in enumerate(self.levels)}
+        self.day_levels = np.unique(days)
+        self.first_day = int(self.day_levels[0]) if len(days) else 0
+        self.day_no = np.full(int(self.day_levels[-1]) - self.first_day + 1 if len(days) else 0, -1, dtype=np.int64)
+        self.day_no[self.day_levels - self.first_day] = np.arange(len(self.day_levels))
+        width = len(self.levels)
+        cells = [self.day_no[b[0] - self.first_day] * width + np.array([self.code_no[c] for c in b[2]], dtype=np.int64)[b[1]]
+                 for b in bars]
+        occupied = np.zeros(len(self.day_levels) * width, dtype=bool)
+        for c in cells:
+            occupied[c] = True
+        self.cells = np.flatnonzero(occupied)  # sorted by (day, instrument): the rows' order
+        self.rows = len(self.cells)
+        self.grid = np.full(len(occupied), -1, dtype=np.int64)
+        self.grid[self.cells] = np.arange(self.rows)
+        del occupied
+        self.block = np.empty((self.rows, len(self.names)), dtype=np.float64)
+        self._start_table()
+        bars_select = self.selects[0]
+        for (_, _, _, batch), c in zip(bars, cells):
+            self._place(bars_select, self.grid[c], batch, np.ones(len(c), dtype=bool))
+        self._finish_table(bars_select)
+
+    def _start_table(self) -> None:
+        self.stamp = np.full(self.rows, -1, dtype=np.int64)
+        self.stamped = 0
+
+    def _place(self, select: SourceSelect, rows: np.ndarray, batch: pa.RecordBatch, keep: np.ndarray) -> None:
+        """Write ``batch``'s value columns at ``rows`` (where ``keep``), noting keys seen twice in this table."""
+        every = bool(keep.all())
+        rows = rows if every else rows[keep]
+        ids = np.arange(self.stamped, self.stamped + len(rows))
+        self.stamped += len(rows)
+        seen = self.stamp[rows] >= 0  # placed by an earlier batch of this table
+        self.stamp[rows] = ids
+        twice = seen | (self.stamp[rows] != ids)  # … or by a later row of this batch
+        if twice.any():
+            self.duplicates.append(rows[twice])
+        for name, column in zip(select.names, batch.columns[2:]):
+            values = column.to_numpy(zero_copy_only=False)
+            values = values if every else values[keep]
+            j = self.at[name]
+            if select.divides:  # the bars put the numerator in this column
+                self.block[rows, j] = self.block[rows, j] / values
             else:
-                values.append((self.at[name], col.to_numpy(zero_copy_only=False)))
-        tile = 2048  # rows per pass: the block's rows stay in cache while every column is written into them
-        for r in range(0, m, tile):
-            rows = self.block[o + r:o + min(r + tile, m)]
-            for j, v in values:
-                rows[:, j] = v[r:r + tile]
-        self.rows += m
+                self.block[rows, j] = values
 
-    def assemble(self) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
-        n = self.rows
-        date_codes, days = pd.factorize(self.days[:n], sort=True)
-        levels = sorted({c for _, d in self.codes for c in d})
-        codes = np.concatenate([np.searchsorted(levels, np.asarray(d, dtype=object))[i] if len(d) else i
-                                for i, d in self.codes])
-        self.codes.clear()
-        perm = sort_order(date_codes.astype(np.int64) * max(len(levels), 1) + codes, len(days) * max(len(levels), 1))
-        # Whole rows gathered into sorted order: ~25× faster than column-wise 2-D fancy indexing.
-        block = np.take(self.block[:n], perm, axis=0)
-        self.block = self.days = None
+    def _add_joined(self, select: SourceSelect, batch: pa.RecordBatch) -> None:
+        days, codes, dictionary, batch = _batch_keys(batch)
+        code_no = np.array([self.code_no.get(c, -1) for c in dictionary], dtype=np.int64)[codes]
+        offset = days.astype(np.int64) - self.first_day
+        inside = (offset >= 0) & (offset < len(self.day_no))
+        day_no = np.where(inside, self.day_no[np.where(inside, offset, 0)], -1)
+        known = (day_no >= 0) & (code_no >= 0)
+        rows = np.where(known, self.grid[np.where(known, day_no * len(self.levels) + code_no, 0)], -1)
+        self._place(select, rows, batch, rows >= 0)
+
+    def _finish_joined(self, select: SourceSelect) -> None:
+        if self.rows:
+            missing = self.stamp < 0
+            for name in select.names:
+                self.block[missing, self.at[name]] = np.nan
+        self._finish_table(select)
+
+    def _finish_table(self, select: SourceSelect) -> None:
+        """Note the table's duplicate keys (raised by :meth:`result`, once the stream is read to its end:
+        the connection is then idle and the transaction ends cleanly) and reset the stamps."""
+        if self.duplicates:
+            rows = np.unique(np.concatenate(self.duplicates))[:5]
+            self.duplicates = []
+            examples = ", ".join(f"{d:%Y-%m-%d} {c}" for d, c in zip(self._row_days(rows), self._row_codes(rows)))
+            self.errors.append(f"duplicate (ts_code, trade_date) rows in {select.table}: {examples}; deduplicate "
+                               "the table (it should have a unique key on (ts_code, trade_date))")
+        self._start_table()
+
+    def _row_days(self, rows: np.ndarray) -> pd.DatetimeIndex:
+        return pd.DatetimeIndex(self.day_levels[self.cells[rows] // max(len(self.levels), 1)].astype("datetime64[D]"))
+
+    def _row_codes(self, rows: np.ndarray) -> list[str]:
+        return [self.levels[k] for k in self.cells[rows] % max(len(self.levels), 1)]
+
+    def result(self) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
+        if self.errors:
+            raise DataGateError(self.errors[0])
+        width = max(len(self.levels), 1)
+        block = self.block
         _derive(block, self.at, self.resolved)
-        index = make_index(days.astype("datetime64[D]").astype("datetime64[ns]"), date_codes[perm],
-                           np.asarray(levels, dtype=object), codes[perm])
+        index = make_index(self.day_levels.astype("datetime64[D]").astype("datetime64[ns]"), self.cells // width,
+                           np.asarray(self.levels, dtype=object), self.cells % width)
         return block, index, self.names
 
 
