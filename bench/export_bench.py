@@ -8,19 +8,21 @@ One command (inside the project's venv)::
 What it measures, each measurement in a fresh Python subprocess (so every peak RSS is that of one process
 that did only this, read with ``os.wait4`` per child), against the same database:
 
-* **baseline** — ``pandas.read_sql`` (SQLAlchemy + psycopg) of the very query the exporter runs (bars joined
-  with the raw table for ``factor`` and with every factor table), ``set_index`` + ``sort_index``,
-  ``to_hdf(format="fixed")``. This is what a hand-written export does; it writes no bins, no checksums.
-* **limit** — the database's own cost of producing those rows, ``COPY (same query) TO '/dev/null' (FORMAT
-  binary)`` run by the server (needs superuser or ``pg_write_server_files``; with ``--db-url`` to a lesser
-  role the bench falls back to ``COPY … TO STDOUT`` read and discarded by psycopg and says so), plus the
-  ``to_hdf`` time of the exported frame (the full export's own ``daily_pv.h5`` read back row-major, the
-  fastest layout to write). The ``COPY … TO STDOUT`` figure is printed too: it adds the socket transfer
-  any client pays. Server settings are the server's defaults for every measurement.
+* **baseline** — ``pandas.read_sql`` (SQLAlchemy + psycopg) of the features as one SQL query (the view
+  ``market.daily_features``: bars left-joined with the raw table for ``factor`` and with every factor table),
+  ``set_index`` + ``sort_index``, ``to_hdf(format="fixed")``. This is what a hand-written export does; it
+  writes no bins, no checksums.
+* **limit** — the database's own cost of producing the rows the exporter reads: ``COPY (…) TO '/dev/null'
+  (FORMAT binary)`` of each of the exporter's per-table SELECTs in turn, run by the server (needs superuser
+  or ``pg_write_server_files``; with ``--db-url`` to a lesser role the bench falls back to ``COPY … TO
+  STDOUT`` read and discarded by psycopg and says so), plus the ``to_hdf`` time of the exported frame (the
+  full export's own ``daily_pv.h5`` read back row-major, the fastest layout to write). For reference it
+  also prints the same COPYs ``TO STDOUT`` (the socket transfer any client pays) and the server's COPY of
+  the baseline's SQL join. Server settings are the server's defaults for every measurement.
 * **full** — ``QlibDailyExporter.export_full`` with the demo declaration's mapping, per variant:
   ``allA`` = plain columns / ts_code names / float64 / all factor tables (as ``demo_allA``);
   ``qlib`` = ``$`` columns / SH600000 names / float32 / bars only (as ``demo_qlib``, over the full range).
-  Each run creates the snapshot (the previous run's is removed first, untimed). Phase timings come from
+  Each run creates its own snapshot; none is deleted before the end (see ``kept``). Phase timings come from
   ``ExportResult.timings``. Before every measurement the bench calls ``sync`` (untimed), so a run starts
   with no writeback pending from the previous one.
 * **incremental** — per repeat, ``advance_market`` appends one trading day with ``--events`` ex-dividend
@@ -98,19 +100,23 @@ def _options(variant: str):
     return SnapshotOptions(**v, factor_tables=tuple(ft) if ft is not None else None)
 
 
-def _export_query(url: str, variant: str) -> tuple[str, list[tuple[str, dict]]]:
-    """The exporter's own SELECT for the whole range, and the statements (SQL with ``:name`` parameters) that
-    prepare a session for it as the reader does: the bound functions and the bounds, session-wide."""
+def _export_queries(url: str, variant: str) -> tuple[str, list[str], list[tuple[str, dict]]]:
+    """For the whole range: the hand-written export's query (the view's SQL join of bars, raw table and factor
+    tables), the exporter's own per-table SELECTs (``ReadSession.statements``), and the statements (SQL with
+    ``:name`` parameters) that prepare a session for both as the reader does: bound functions and bounds."""
+    from aistock_pipelines.export.daily_features import feature_select_sql
     from aistock_pipelines.export.reader import BOUND_FUNCTIONS_DDL, READ_BOUNDS
 
     ex = _exporter(url, tempfile.gettempdir())
     reader = ex._reader_for(_options(variant))
     with reader.session() as s:
         end = s._arrow("SELECT max(trade_date) FROM market.kline_daily_qfq", ()).column(0)[0].as_py()
-        sql = s._select_sql(False)
+        tables = s.statements(False)
+    join = (feature_select_sql(reader.resolved)
+            + " WHERE b.trade_date BETWEEN pg_temp.aistock_read_start() AND pg_temp.aistock_read_end()")
     ex.reader.engine.dispose()
     bounds = {READ_BOUNDS["start"]: START.isoformat(), READ_BOUNDS["end"]: end.isoformat(), READ_BOUNDS["codes"]: ""}
-    return sql, [(ddl, {}) for ddl in BOUND_FUNCTIONS_DDL] + [
+    return join, tables, [(ddl, {}) for ddl in BOUND_FUNCTIONS_DDL] + [
         ("SELECT set_config(:name, :value, false)", {"name": n, "value": v}) for n, v in bounds.items()]
 
 
@@ -135,7 +141,7 @@ def work_baseline(p: dict) -> dict:
 
     from aistock_pipelines.db import create_db_engine
 
-    sql, prepare = _export_query(p["url"], p["variant"])
+    sql, _, prepare = _export_queries(p["url"], p["variant"])
     engine = create_db_engine(p["url"])
     out = Path(p["out_h5"])
     t0 = time.perf_counter()
@@ -159,15 +165,16 @@ def work_baseline(p: dict) -> dict:
 
 
 def work_limit(p: dict) -> dict:
-    """Repeats inside one process: the server's COPY, COPY TO STDOUT discarded, to_hdf of the exported frame."""
+    """Repeats inside one process: the server's COPY of the exporter's per-table SELECTs (and, for reference,
+    of the SQL join), the same COPY TO STDOUT discarded, to_hdf of the exported frame."""
     import pandas as pd
     import psycopg
     import sqlalchemy as sa
 
     from aistock_pipelines.db import create_db_engine
 
-    sql, prepare = _export_query(p["url"], p["variant"])
-    runs: dict[str, list[float]] = {"copy_server": [], "copy_stdout": [], "to_hdf": []}
+    join, tables, prepare = _export_queries(p["url"], p["variant"])
+    runs: dict[str, list[float]] = {"copy_server": [], "copy_join_server": [], "copy_stdout": [], "to_hdf": []}
     server_side_error = None
     engine = create_db_engine(p["url"])
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as sa_conn:
@@ -176,18 +183,21 @@ def work_limit(p: dict) -> dict:
         conn = sa_conn.connection.driver_connection
         for _ in range(p["repeat"]):
             if server_side_error is None:
-                t = time.perf_counter()
                 try:
-                    conn.execute(f"COPY ({sql}) TO '/dev/null' (FORMAT binary)")
-                    runs["copy_server"].append(time.perf_counter() - t)
+                    for key, queries in (("copy_server", tables), ("copy_join_server", [join])):
+                        t = time.perf_counter()
+                        for sql in queries:
+                            conn.execute(f"COPY ({sql}) TO '/dev/null' (FORMAT binary)")
+                        runs[key].append(time.perf_counter() - t)
                 except psycopg.errors.InsufficientPrivilege as e:
                     server_side_error = str(e).splitlines()[0]
             t = time.perf_counter()
             n_bytes = 0
             with conn.cursor() as cur:
-                with cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT binary)") as copy:
-                    for block in copy:
-                        n_bytes += len(block)
+                for sql in tables:
+                    with cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT binary)") as copy:
+                        for block in copy:
+                            n_bytes += len(block)
             runs["copy_stdout"].append(time.perf_counter() - t)
     from aistock_pipelines.export.snapshot_writer import read_h5
 
@@ -309,15 +319,6 @@ def run_worker(task: str, params: dict, tmp: Path, label: str) -> dict:
     return doc
 
 
-def drop_snapshot(root: Path, snapshot_id: str) -> None:
-    """Remove a scratch snapshot (link and versions) outside any timing."""
-    link = root / snapshot_id
-    if link.is_symlink():
-        link.unlink()
-    for version in (root / ".versions").glob(f"{snapshot_id}@*"):
-        shutil.rmtree(version, ignore_errors=True)
-
-
 def log(msg: str) -> None:
     print(f"[bench {datetime.now():%H:%M:%S}] {msg}", flush=True)
 
@@ -437,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                      "events": args.events, "variants": variants, "started": datetime.now(timezone.utc).isoformat()}
 
         main_variant = variants[0]
+
+        def kept(variant: str) -> str:
+            """The last full run's snapshot: the limit reads its h5, the incremental runs extend it."""
+            return f"bench_{variant}_{args.repeat - 1}"
+
         if "baseline" not in skip:
             res["baseline"] = []
             for i in range(baseline_repeat):
@@ -449,19 +455,21 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants:
                 res["full"][v] = []
                 for i in range(args.repeat):
-                    drop_snapshot(root, f"bench_{v}")  # each run creates the snapshot (nothing to replace)
+                    # Each run creates its own snapshot and none is deleted before the end: on ext4 without a
+                    # journal (this VM's disk) every new inode first skips, one lookup each, the inodes freed
+                    # in the last ~35 s — 84,000 bins written right after deleting 84,000 took 3–6× longer.
                     log(f"full {v} {i + 1}/{args.repeat}")
-                    r = run_worker("full", {"url": url, "root": str(root), "snapshot_id": f"bench_{v}", "variant": v},
+                    r = run_worker("full", {"url": url, "root": str(root), "snapshot_id": f"bench_{v}_{i}", "variant": v},
                                    tmp, f"full_{v}{i}")
                     res["full"][v].append(r)
                     log(f"  {r['seconds']:.1f} s, {r['rows']:,} rows, peak RSS {r['peak_rss_mb_wait4']:.0f} MB")
-                snap = root / f"bench_{v}"
+                snap = root / kept(v)
                 res["full"][v][-1]["snapshot_bytes"] = {
                     "daily_pv.h5": (snap / "daily_pv.h5").stat().st_size,
                     "features": sum(f.stat().st_size for f in (snap / "features").rglob("*.bin")),
                     "bin_files": sum(1 for _ in (snap / "features").rglob("*.bin"))}
         if "limit" not in skip:
-            h5 = root / f"bench_{main_variant}" / "daily_pv.h5"
+            h5 = root / kept(main_variant) / "daily_pv.h5"
             if not h5.exists():
                 log("limit needs the full export's daily_pv.h5: skipped (run without --skip full)")
             else:
@@ -469,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["limit"] = run_worker("limit", {"url": url, "variant": main_variant, "repeat": args.repeat,
                                                     "h5_source": str(h5), "out_h5": str(root / "limit.h5")},
                                           tmp, "limit")
-                log(f"  COPY server {median(res['limit']['runs']['copy_server']):.1f} s, "
+                log(f"  COPY server {median(res['limit']['runs']['copy_server']):.1f} s (SQL join {median(res['limit']['runs']['copy_join_server']):.1f} s), "
                     f"STDOUT {median(res['limit']['runs']['copy_stdout']):.1f} s, "
                     f"to_hdf {median(res['limit']['runs']['to_hdf']):.1f} s")
         if "incremental" not in skip and "full" not in skip:
@@ -480,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"advanced to {adv['trade_date']}: {adv['bars']} bars, {len(adv['restated'])} restated "
                     f"({adv['restated_history_rows']:,} history rows)")
                 for v in variants:
-                    r = run_worker("incremental", {"url": url, "root": str(root), "snapshot_id": f"bench_{v}"},
+                    r = run_worker("incremental", {"url": url, "root": str(root), "snapshot_id": kept(v)},
                                    tmp, f"inc_{v}{i}")
                     res["incremental"][v].append(r)
                     log(f"  incremental {v}: {r['seconds']:.1f} s, mode {r['mode']}, rows read {r['rows_read']:,} "
@@ -489,10 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                 res["verify"] = {}
                 for v in variants:
                     log(f"verify {v}: fresh full export vs the incremental snapshot")
-                    res["verify"][v] = run_worker("verify", {"url": url, "root": str(root), "snapshot_id": f"bench_{v}",
+                    res["verify"][v] = run_worker("verify", {"url": url, "root": str(root), "snapshot_id": kept(v),
                                                              "fresh_id": f"fresh_{v}", "variant": v}, tmp, f"verify_{v}")
                     log(f"  {res['verify'][v]}")
-                    drop_snapshot(root, f"fresh_{v}")
         facts["loadavg_end"] = os.getloadavg()
         res["total_seconds"] = time.perf_counter() - t_all
         print()
@@ -550,11 +557,14 @@ def render(res: dict) -> str:
         c, h = median(runs[copy_key]), median(runs["to_hdf"])
         l_med = c + h
         what = "COPY … TO '/dev/null' (server)" if copy_key == "copy_server" else "COPY … TO STDOUT (discarded)"
-        lines.append(f"| limit: {what} + `to_hdf` | {l_med:.1f} | copy {fmt_runs(runs[copy_key])}; "
+        lines.append(f"| limit: {what} of the exporter's per-table SELECTs + `to_hdf` | {l_med:.1f} | copy {fmt_runs(runs[copy_key])}; "
                      f"to_hdf {fmt_runs(runs['to_hdf'])} | {lim['rows']:,} | – | |")
         if runs["copy_server"]:
-            lines.append(f"| (for reference) COPY … TO STDOUT read by psycopg | {median(runs['copy_stdout']):.1f} | "
+            lines.append(f"| (for reference) the same COPY … TO STDOUT read by psycopg | {median(runs['copy_stdout']):.1f} | "
                          f"{fmt_runs(runs['copy_stdout'])} | | | |")
+        if runs.get("copy_join_server"):
+            lines.append(f"| (for reference) COPY of the SQL join (the view's query) TO '/dev/null' | "
+                         f"{median(runs['copy_join_server']):.1f} | {fmt_runs(runs['copy_join_server'])} | | | |")
     full_med: dict[str, float] = {}
     for v, runs in (res.get("full") or {}).items():
         full_med[v] = median([r["seconds"] for r in runs])
