@@ -17,7 +17,6 @@ import hashlib
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -213,10 +212,7 @@ class QlibDailyExporter:
         prev_end = date.fromisoformat(meta["end"])
         stored = self.meta.load(snapshot_id)
         trust_stored = bool(stored) and all(st.export_id == meta["export_id"] for st in stored.values())
-        # The stored frame is read by a second thread while the server computes the checksums (both take
-        # seconds at 5.6 M rows, one on each side of the socket); an unchanged snapshot discards it.
-        with ThreadPoolExecutor(1, thread_name_prefix="snapshot-read") as pool, reader.session() as s:
-            old_frame = pool.submit(self.writer.read_frame, snapshot_id)
+        with reader.session() as s:
             new_end, days = self._effective_end(s, start, max(end or prev_end, prev_end) if end else None)
             new_end = max(new_end, prev_end)
             days = [d for d in days if d <= new_end]
@@ -229,9 +225,6 @@ class QlibDailyExporter:
             history = s.load_daily(restated, start, new_end) if restated else None
             read_s = time.perf_counter() - t
             rows_read = s.rows_read
-            t = time.perf_counter()
-            old = old_frame.result()
-            read_old_s = time.perf_counter() - t  # what the export still waited for
         if not restated and (new_rows is None or new_rows.empty):
             return ExportResult(snapshot_id, "unchanged", start, prev_end, self.writer.path(snapshot_id),
                                 instruments=meta["instrument_count"], rows=meta["row_count"],
@@ -241,6 +234,9 @@ class QlibDailyExporter:
         for part in (new_rows, history):
             if part is not None:
                 check_gates(part, set(days))
+        t = time.perf_counter()
+        old = self.writer.read_frame(snapshot_id)
+        read_old_s = time.perf_counter() - t
         t = time.perf_counter()
         kept = ~frames.instrument_mask(old.index, restated)
         rewritten = int(len(old) - kept.sum())
