@@ -1,8 +1,9 @@
 """DBReader (seed §5.3): bars + factor joins → logical frames, read in bulk through ADBC.
 
 Why ADBC: the PostgreSQL ADBC driver streams ``COPY … (FORMAT binary)`` into Arrow record batches, 6×
-faster than ``pandas.read_sql`` (REFERENCE §5); scaling and the factor join run in SQL, so Python only
-assembles columns. Codes and dates are always bound parameters, never SQL text: the bulk SELECT of
+faster than ``pandas.read_sql`` (REFERENCE §5). Scaling and casts run in SQL, one SELECT per source table;
+the join on ``(ts_code, trade_date)`` runs on arrays here (:class:`_KeyJoin`), which halves the server's work
+against a SQL join. Codes and dates are always bound parameters, never SQL text: the bulk SELECT of
 :meth:`ReadSession.load_daily` reads them from settings of its transaction, set by a bound ``set_config``
 (see :data:`READ_BOUNDS`), because the driver streams ``COPY`` only for a statement without parameters.
 Identifiers come from the validated mapping and are quoted. One ``ReadSession`` is one REPEATABLE READ
