@@ -1,17 +1,18 @@
 """``market.daily_features``: the field mapping and factor joins, as SQL, in one place.
 
 :func:`source_selects` is the only place that turns a :class:`ResolvedMapping` into SQL: one SELECT per source
-table (bars, raw bars, each factor table), keyed by ``(ts_code, trade_date)``, with the scaled columns. The
-``market/daily_features`` asset publishes their left join (:func:`feature_select_sql`) as a database view,
-so SQL users, notebooks and AIstock see exactly the rows a snapshot is built from; the reader runs the same
-SELECTs, each bounded by the read's dates and codes, and joins them on the key in Python — the server then
-only scans and converts (measured at 5.6 M bars × 4 tables: 10.8 s of server time instead of the 20 s its
-hash joins cost, see ``docs/performance.md``). The per-row derivations that need Python (adjusted volume,
-vwap, change) are :func:`aistock_pipelines.export.reader.logical_frame`.
-"""
+table (bars, raw bars, each factor table), keyed by ``(ts_code, trade_date)``, with the scaled columns; their
+left join (:func:`joined_select`) is the view ``market.daily_features`` that the ``market/daily_features``
+asset publishes, so SQL users, notebooks and AIstock see exactly the rows a snapshot is built from. The
+reader runs the same SELECTs bounded by a read's dates and codes: over a date range one per table, joined on
+the key in Python — the server then only scans and converts (at 5.6 M bars: 11–14 s of server time against
+21–24 s for the SQL join, ``docs/performance.md``) — and for a list of codes the joined form per code. The
+per-row derivations that need Python (adjusted volume, vwap, change) are in
+:mod:`aistock_pipelines.export.reader`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -24,16 +25,17 @@ VIEW_NAME = "market.daily_features"
 
 @dataclass(frozen=True)
 class SourceSelect:
-    """One source table's part of the feature definition.
+    """One source table's part of the feature definition, or (``joined``) several left-joined in SQL.
 
-    ``columns``: (logical name, scaled SQL expression over ``alias``). The ``factor`` column is a ratio of two
-    tables: the bars carry its numerator (qfq close) and the raw bars its denominator (raw close, 0 → NULL);
-    :attr:`RATIO` names it in both."""
+    ``columns``: (logical name, scaled SQL expression). The ``factor`` column is a ratio of two tables: the
+    bars carry its numerator (qfq close) and the raw bars its denominator (raw close, 0 → NULL, ``divides``);
+    a joined select computes the ratio itself."""
 
     table: str
     alias: str
     columns: tuple[tuple[str, str], ...]
     divides: bool = False  # its columns are denominators of the bars' columns of the same name
+    joined: tuple["SourceSelect", ...] = ()  # left-joined on (ts_code, trade_date): the view's shape
 
     RATIO = "factor"
 
@@ -41,11 +43,19 @@ class SourceSelect:
     def names(self) -> list[str]:
         return [name for name, _ in self.columns]
 
-    def sql(self, where: str = "") -> str:
-        """``SELECT trade_date, ts_code, <columns> FROM table alias <where>``."""
-        a = self.alias
+    @property
+    def label(self) -> str:
+        """The table(s), for messages."""
+        return self.table + (f" left-joined with {', '.join(j.table for j in self.joined)}" if self.joined else "")
+
+    def sql(self, where: str = "", join_filter: Callable[[str], str] | None = None) -> str:
+        """``SELECT trade_date, ts_code, <columns> FROM table alias [LEFT JOIN …] <where>``; ``join_filter(alias)``
+        may add predicates (SQL starting with `` AND``) to each joined table's ``ON`` clause."""
+        a, extra = self.alias, join_filter or (lambda alias: "")
         cols = ", ".join([f"{a}.trade_date", f"{a}.ts_code", *(f'{expr} AS "{name}"' for name, expr in self.columns)])
-        return f"SELECT {cols} FROM {quote_table(self.table)} {a} {where}".rstrip()
+        joins = [f"LEFT JOIN {quote_table(j.table)} {j.alias} ON {j.alias}.ts_code = {a}.ts_code "
+                 f"AND {j.alias}.trade_date = {a}.trade_date{extra(j.alias)}" for j in self.joined]
+        return " ".join(filter(None, [f"SELECT {cols} FROM {quote_table(self.table)} {a}", *joins, where]))
 
 
 def source_selects(resolved: ResolvedMapping) -> list[SourceSelect]:
@@ -63,19 +73,19 @@ def source_selects(resolved: ResolvedMapping) -> list[SourceSelect]:
     return [SourceSelect(m.bars_table, "b", tuple(bars)), *out]
 
 
-def feature_select_sql(resolved: ResolvedMapping) -> str:
-    """The view: ``SELECT trade_date, ts_code, <scaled fields>[, factor], <factor fields> FROM bars LEFT JOIN …``
-    — the left join of :func:`source_selects` on ``(ts_code, trade_date)`` (the bars define the rows)."""
+def joined_select(resolved: ResolvedMapping) -> SourceSelect:
+    """:func:`source_selects` left-joined on ``(ts_code, trade_date)`` in SQL (the bars define the rows)."""
     bars, *joined = source_selects(resolved)
     expr = dict(bars.columns)
-    cols = ["b.trade_date", "b.ts_code"]
-    joins = []
     for s in joined:
-        joins.append(f"LEFT JOIN {quote_table(s.table)} {s.alias} ON {s.alias}.ts_code = b.ts_code AND {s.alias}.trade_date = b.trade_date")
         for name, sql in s.columns:
             expr[name] = f"{expr[name]} / {sql}" if s.divides else sql
-    cols += [f'{sql} AS "{name}"' for name, sql in expr.items()]
-    return " ".join([f"SELECT {', '.join(cols)} FROM {quote_table(bars.table)} b", *joins])
+    return SourceSelect(bars.table, bars.alias, tuple(expr.items()), joined=tuple(joined))
+
+
+def feature_select_sql(resolved: ResolvedMapping) -> str:
+    """The view: ``SELECT trade_date, ts_code, <scaled fields>[, factor], <factor fields> FROM bars LEFT JOIN …``."""
+    return joined_select(resolved).sql()
 
 
 def create_view(engine: Engine, resolved: ResolvedMapping, view: str = VIEW_NAME) -> list[str]:
