@@ -344,6 +344,8 @@ def test_key_join_of_the_bulk_read_equals_the_view(market_db):
                              f"WHERE ts_code = '{dup}' AND trade_date = '2022-03-10'")
     with pytest.raises(DataGateError, match=rf"duplicate \(ts_code, trade_date\) rows in market.daily_basic: 2022-03-10 {dup}"):
         reader.load_daily(None, first, last)
+    with pytest.raises(DataGateError, match=rf"rows in market.kline_daily_qfq left-joined with .*market.daily_basic.*: 2022-03-10 {dup}"):
+        reader.load_daily([dup], first, last)  # listed codes: the SQL join per code, whose bars then repeat
     # the refused read ended its transaction cleanly: the next read on a new session works
     pd.testing.assert_frame_equal(reader.load_daily([code], first, last),
                                   frame[frame.index.get_level_values("instrument") == code])
