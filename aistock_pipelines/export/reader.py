@@ -407,8 +407,7 @@ class _KeyJoin:
         self.day_no = np.full(int(self.day_levels[-1]) - self.first_day + 1 if len(days) else 0, -1, dtype=np.int64)
         self.day_no[self.day_levels - self.first_day] = np.arange(len(self.day_levels))
         width = len(self.levels)
-        cells = [self.day_no[b[0] - self.first_day] * width + np.array([self.code_no[c] for c in b[2]], dtype=np.int64)[b[1]]
-                 for b in bars]
+        cells = [self._cells(days, codes, dictionary) for days, codes, dictionary, _ in bars]
         occupied = np.zeros(len(self.day_levels) * width, dtype=bool)
         for c in cells:
             occupied[c] = True
@@ -450,21 +449,25 @@ class _KeyJoin:
                 else:
                     self.block[at, j] = values[r:r + tile]
 
-    def _add_joined(self, select: SourceSelect, batch: pa.RecordBatch) -> None:
-        days, codes, dictionary, batch = _batch_keys(batch)
+    def _cells(self, days: np.ndarray, codes: np.ndarray, dictionary: list[str]) -> np.ndarray:
+        """Per row, its cell of the day × instrument grid (day number × instruments + instrument number);
+        −1 for a day or instrument the bars do not have (only a joined table's rows can have those)."""
         code_no = np.array([self.code_no.get(c, -1) for c in dictionary], dtype=np.int64)[codes]
         offset = days.astype(np.int64) - self.first_day
         inside = (offset >= 0) & (offset < len(self.day_no))
         day_no = np.where(inside, self.day_no[np.where(inside, offset, 0)], -1)
-        known = (day_no >= 0) & (code_no >= 0)
-        rows = np.where(known, self.grid[np.where(known, day_no * len(self.levels) + code_no, 0)], -1)
+        return np.where((day_no >= 0) & (code_no >= 0), day_no * len(self.levels) + code_no, -1)
+
+    def _add_joined(self, select: SourceSelect, batch: pa.RecordBatch) -> None:
+        days, codes, dictionary, batch = _batch_keys(batch)
+        cells = self._cells(days, codes, dictionary)
+        rows = np.where(cells >= 0, self.grid[np.maximum(cells, 0)], -1)
         self._place(select, rows, batch, rows >= 0)
 
     def _finish_joined(self, select: SourceSelect) -> None:
-        if self.rows:
-            missing = self.stamp < 0
-            for name in select.names:
-                self.block[missing, self.at[name]] = np.nan
+        missing = self.stamp < 0
+        for name in select.names:
+            self.block[missing, self.at[name]] = np.nan
         self._finish_table(select)
 
     def _finish_table(self, select: SourceSelect) -> None:
