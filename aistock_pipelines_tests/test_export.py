@@ -318,6 +318,7 @@ def test_key_join_of_the_bulk_read_equals_the_view(market_db):
         conn.exec_driver_sql(f"UPDATE market.kline_daily_raw SET close_li = 0 WHERE ts_code = '{code}' AND trade_date = '2022-03-02'")
         conn.exec_driver_sql(f"DELETE FROM market.kline_daily_raw WHERE ts_code = '{code}' AND trade_date = '2022-03-03'")
         conn.exec_driver_sql("DELETE FROM market.daily_basic WHERE trade_date = '2022-03-04'")
+        conn.exec_driver_sql(f"UPDATE market.daily_basic SET pe_ttm = NULL, pb = 'NaN' WHERE ts_code = '{code}' AND trade_date = '2022-03-10'")
         conn.exec_driver_sql("INSERT INTO market.daily_basic (ts_code, trade_date, pb) VALUES ('999999.SZ', '2022-03-04', 1.5)")
     reader = DBReader(engine, DEMO_MAPPING, market_db)
     create_view(engine, reader.resolved)
@@ -334,6 +335,11 @@ def test_key_join_of_the_bulk_read_equals_the_view(market_db):
     assert np.isnan(frame.loc[(pd.Timestamp("2022-03-02"), code), "factor"])
     assert np.isnan(frame.loc[(pd.Timestamp("2022-03-03"), code), "factor"])
     assert frame.xs(pd.Timestamp("2022-03-04"))["db_pb"].isna().all()
+    # NULL and NaN both arrive as NaN through the packed float8 transport; the row's other values are kept
+    row = frame.loc[(pd.Timestamp("2022-03-10"), code)]
+    assert np.isnan(row["db_pe_ttm"]) and np.isnan(row["db_pb"]) and row["db_turnover_rate"] > 0
+    with reader.session() as s:
+        assert all("float8send" in sql for sql in s.statements(False)), "per-table reads use the packed transport"
     for name in view.columns:
         got = frame[name].to_numpy()
         want = view[name].to_numpy(dtype=float) / factor if name == "volume" else view[name].to_numpy(dtype=float)

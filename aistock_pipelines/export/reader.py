@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import libpq_url
-from aistock_pipelines.export.daily_features import SourceSelect, joined_select, source_selects
+from aistock_pipelines.export.daily_features import PACKED_COLUMN, SourceSelect, joined_select, source_selects
 from aistock_pipelines.export.frames import INDEX_NAMES, finish_in_place, make_index, sort_order
 from aistock_pipelines.export.mapping import ExportMapping, ResolvedMapping, quote_table, resolve_mapping
 
@@ -280,7 +280,7 @@ class ReadSession:
             joined = joined_select(self.resolved)
             inner = joined.sql(f"WHERE b.ts_code = c.code AND b.trade_date BETWEEN {first} AND {last}", per_code)
             return [(joined, f"SELECT x.* FROM unnest({_CODES}) AS c(code) CROSS JOIN LATERAL ({inner}) x")]
-        return [(s, s.sql(f"WHERE {s.alias}.trade_date BETWEEN {first} AND {last}")) for s in source_selects(self.resolved)]
+        return [(s, s.packed_sql(f"WHERE {s.alias}.trade_date BETWEEN {first} AND {last}")) for s in source_selects(self.resolved)]
 
 
 def _statement_batches(conn: adbc.Connection, statements: list[str]) -> Iterator[tuple[int, pa.RecordBatch | None]]:
@@ -358,6 +358,23 @@ def _batch_keys(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, list[str
     codes = pc.dictionary_encode(batch.column(1))
     return (batch.column(0).cast(pa.int32()).to_numpy(zero_copy_only=False),
             codes.indices.to_numpy(zero_copy_only=False), codes.dictionary.to_pylist(), batch)
+
+
+def _value_block(select: SourceSelect, batch: pa.RecordBatch) -> np.ndarray:
+    """A batch's value columns (after trade_date and ts_code) as one native float64 ``(rows, len(names))``
+    array, decoded from the packed column of :meth:`SourceSelect.packed_sql` (rows of ``8 × len(names)``
+    bytes of big-endian float8s: one ``frombuffer`` and a byte swap) or stacked from plain columns."""
+    column = batch.column(2)
+    if batch.num_columns == 3 and batch.schema.field(2).name == PACKED_COLUMN:
+        width, n = len(select.names), len(column)
+        if column.null_count or not pa.types.is_binary(column.type):
+            raise DataGateError(f"{select.label}: the packed read returned NULL or {column.type} values")
+        offsets = np.frombuffer(column.buffers()[1], dtype=np.int32, count=n + 1, offset=4 * column.offset)
+        if int(offsets[-1] - offsets[0]) != 8 * width * n:
+            raise DataGateError(f"{select.label}: the packed read returned rows of unexpected length")
+        packed = np.frombuffer(column.buffers()[2], dtype=">f8", count=width * n, offset=int(offsets[0]))
+        return packed.reshape(n, width).astype(np.float64)
+    return np.column_stack([c.to_numpy(zero_copy_only=False).astype(np.float64, copy=False) for c in batch.columns[2:]])
 
 
 class _KeyJoin:
@@ -438,16 +455,18 @@ class _KeyJoin:
         twice = seen | (self.stamp[rows] != ids)  # … or by a later row of this batch
         if twice.any():
             self.duplicates.append(rows[twice])
-        columns = [(self.at[name], c.to_numpy(zero_copy_only=False)) for name, c in zip(select.names, batch.columns[2:])]
-        columns = [(j, v if every else v[keep]) for j, v in columns]
-        tile = 4096  # rows per pass: each row's cache lines stay hot while all the table's columns are written
-        for r in range(0, len(rows), tile):
-            at = rows[r:r + tile]
-            for j, values in columns:
-                if select.divides:  # the bars put the numerator in this column
-                    self.block[at, j] = self.block[at, j] / values[r:r + tile]
-                else:
-                    self.block[at, j] = values[r:r + tile]
+        values = _value_block(select, batch)
+        if not every:
+            values = values[keep]
+        at = [self.at[name] for name in select.names]
+        if select.divides:  # the bars put the numerator in these columns
+            for i, j in enumerate(at):
+                self.block[rows, j] = self.block[rows, j] / values[:, i]
+        elif at == list(range(at[0], at[0] + len(at))):
+            # whole rows in one assignment: each destination row's cache lines are touched once
+            self.block[rows, at[0]:at[0] + len(at)] = values
+        else:
+            self.block[rows[:, None], np.asarray(at)] = values
 
     def _cells(self, days: np.ndarray, codes: np.ndarray, dictionary: list[str]) -> np.ndarray:
         """Per row, its cell of the day × instrument grid (day number × instruments + instrument number);
