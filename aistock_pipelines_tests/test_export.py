@@ -168,7 +168,7 @@ def test_restatement_then_incremental_equals_fresh_full_export(market_db, tmp_pa
     for _ in range(2):
         adv = advance_market(engine, events=5)
         result = ex.export_incremental("inc")
-        assert result.mode == "incremental" and result.end == adv.trade_date
+        assert result.mode == "incremental" and result.end == adv.trade_date and result.applied == "in place"
         assert set(result.restated) == set(adv.restated), "exactly the restated instruments are detected"
         assert result.rows_read < 10_000, "reads only the new day plus the restated histories"
         restated |= set(adv.restated)
@@ -183,6 +183,35 @@ def test_restatement_then_incremental_equals_fresh_full_export(market_db, tmp_pa
     a = (tmp_path / "inc" / "features" / code.lower() / "close.day.bin").read_bytes()
     b = (tmp_path / "fresh" / "features" / code.lower() / "close.day.bin").read_bytes()
     assert a == b
+    engine.dispose()
+
+
+def test_a_history_that_lost_a_day_is_merged_and_equals_a_fresh_export(exported, market_db, tmp_path):
+    """A restatement usually changes values only (the stored rows are patched in place); a history that
+    lost an old day (a corrected feed) cannot be patched: the incremental export merges instead, with the
+    same result as a fresh full export."""
+    ex, _, path = exported
+    engine = create_db_engine(market_db)
+    adv = advance_market(engine, events=1)
+    with engine.begin() as conn:
+        code, gone = conn.exec_driver_sql(
+            "SELECT ts_code, min(trade_date) + 3 FROM market.kline_daily_qfq WHERE trade_date < %(d)s "
+            "GROUP BY ts_code ORDER BY 1 LIMIT 1", {"d": adv.trade_date}).one()
+        gone = conn.exec_driver_sql("SELECT min(trade_date) FROM market.kline_daily_qfq WHERE ts_code = %(c)s "
+                                    "AND trade_date >= %(g)s", {"c": code, "g": gone}).scalar_one()
+        conn.exec_driver_sql("DELETE FROM market.kline_daily_qfq WHERE ts_code = %(c)s AND trade_date = %(g)s",
+                             {"c": code, "g": gone})
+        conn.exec_driver_sql("DELETE FROM market.kline_daily_raw WHERE ts_code = %(c)s AND trade_date = %(g)s",
+                             {"c": code, "g": gone})
+    got = ex.export_incremental("demo")
+    assert got.applied == "merge" and code in got.restated
+    incremental = read_h5(path)
+    assert (pd.Timestamp(gone), code) not in incremental.index
+    ex.export_full("fresh", START)
+    pd.testing.assert_frame_equal(incremental, read_h5(tmp_path / "fresh"), check_exact=True)
+    for field in ("close", "change", "factor"):
+        name = f"features/{code.lower()}/{field}.day.bin"
+        assert (path / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
     engine.dispose()
 
 

@@ -5,7 +5,10 @@ Incremental export in one consistent database view:
    with ``market.qlib_export_meta``: a mismatch means the instrument's history was restated (ex-dividend
    in qfq data) or corrected;
 2. only the new trading days, plus the full history of restated instruments, are read;
-3. the new frame = old rows of untouched instruments + those reads; ``change`` is recomputed on it;
+3. the new frame = old rows of untouched instruments + those reads; ``change`` is recomputed on it. When the
+   restated histories have the days they had (a restatement changes values, not days), that happens in the
+   stored block itself: read with spare rows, restated rows overwritten, new days appended
+   (:func:`frames.patch_sorted`); otherwise by a merge into a new block;
 4. the files are swapped in atomically, then the meta rows are replaced.
 So after every run the snapshot equals a fresh full export of the same range (tests compare byte-equal
 frames). A changed declaration (mapping, options, universe, start) rebuilds in full instead of mixing rows.
@@ -26,9 +29,10 @@ import pandas as pd
 
 from aistock_pipelines.export.mapping import quote_table
 from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
-from aistock_pipelines.export import frames
+from aistock_pipelines.export import frames, qlib_format
 from aistock_pipelines.export.reader import DataGateError, DBReader, ReadSession, check_codes
-from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotOptions, SnapshotWriter, check_snapshot_id
+from aistock_pipelines.export.snapshot_writer import (SnapshotError, SnapshotOptions, SnapshotWriter, check_snapshot_id,
+                                                      external_frame)
 
 PRICE_COLUMNS = ["open", "high", "low", "close"]
 
@@ -51,6 +55,7 @@ class ExportResult:
     rows_added: int = 0
     rows_rewritten: int = 0
     rows_read: int = 0
+    applied: str = ""  # incremental: "in place" (the stored block patched) or "merge" (a new block)
     timings: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     sha256: str = ""
@@ -197,9 +202,11 @@ class QlibDailyExporter:
         del frame  # the block is ours alone again: finish it in place (the values never exist twice)
         frame = frames.finish_in_place(block, index, columns, options.dtype)
         del block
+        ext = external_frame(frame, options)  # float64/ts_code/plain: the same block
+        del frame
         frame_s = time.perf_counter() - t
-        result = self._commit(snapshot_id, mode, start, end, universe, options, resolved, frame, days, sums,
-                              restated=[], rows_added=len(frame), rows_rewritten=0, rows_read=rows_read)
+        result = self._commit(snapshot_id, mode, start, end, universe, options, resolved, ext, days, sums,
+                              restated=[], rows_added=len(ext), rows_rewritten=0, rows_read=rows_read)
         result.timings = {"read_db": read_s, "checksums": check_s, "frame": frame_s, **result.timings,
                           "total": time.perf_counter() - t0}
         return result
@@ -235,35 +242,61 @@ class QlibDailyExporter:
             if part is not None:
                 check_gates(part, set(days))
         t = time.perf_counter()
-        old = self.writer.read_frame(snapshot_id)
+        # The rows to write: the restated histories whole, everyone else's new days (rounded, sorted, in the
+        # file's shape), applied to the stored block in place; a merge when the keys do not line up.
+        delta = [] if new_rows is None else [(new_rows, ~frames.instrument_mask(new_rows.index, restated))]
+        delta += [] if history is None else [(history, None)]
+        delta = external_frame(frames.merge_sorted(delta, dtype=options.dtype), options)
+        split = np.datetime64(prev_end, "ns")
+        spare = int((delta.index.levels[0][delta.index.codes[0]] > split).sum())
+        stored = self.writer.read_block(snapshot_id, spare)
         read_old_s = time.perf_counter() - t
         t = time.perf_counter()
+        replaced = set(qlib_format.instrument_names(restated, options.instruments))
+        ext = None if stored is None else frames.patch_sorted(*stored, delta, replaced, split)
+        del stored
+        applied = "in place"
+        if ext is not None:
+            n_old, rewritten = len(ext) - spare, len(delta) - spare  # the stored rows delta overwrote
+        else:
+            applied = "merge"
+            ext, n_old, rewritten = self._merged(snapshot_id, new_rows, history, restated, options)
+        del delta
+        if not frames.strictly_sorted(ext.index):  # the parts are disjoint by construction; never write if not
+            raise DataGateError("internal consistency: the merged snapshot has duplicate (date, instrument) rows; "
+                                "run a full export")
+        frame_s = time.perf_counter() - t
+        result = self._commit(snapshot_id, "incremental", start, new_end, universe, options, resolved, ext, days, sums,
+                              restated=restated, rows_added=len(ext) - n_old + rewritten,
+                              rows_rewritten=rewritten, rows_read=rows_read, applied=applied)
+        result.timings = {"checksums": check_s, "read_db": read_s, "read_snapshot": read_old_s, "frame": frame_s,
+                          **result.timings, "total": time.perf_counter() - t0}
+        return result
+
+    def _merged(self, snapshot_id: str, new_rows: pd.DataFrame | None, history: pd.DataFrame | None,
+                restated: list[str], options: SnapshotOptions) -> tuple[pd.DataFrame, int, int]:
+        """The general incremental merge (a restated history whose days changed): the stored frame without
+        the restated instruments, plus the rows read, in one new block. Returns (file's frame, stored rows,
+        stored rows replaced)."""
+        old = self.writer.read_frame(snapshot_id)
         kept = ~frames.instrument_mask(old.index, restated)
-        rewritten = int(len(old) - kept.sum())
         parts = [(old, kept)]
         if new_rows is not None:
             parts.append((new_rows, ~frames.instrument_mask(new_rows.index, restated)))
         if history is not None:
             parts.append((history, None))
-        n_old = len(old)
+        n_old, rewritten = len(old), int(len(old) - kept.sum())
         # One pass: merge without concatenating, sort by codes, round, recompute ``change`` (see finalize).
         frame = frames.merge_sorted(parts, dtype=options.dtype, change=True)
         del old, parts
-        if frame.index.has_duplicates:  # the parts are disjoint by construction; never write if not
-            raise DataGateError("internal consistency: the merged snapshot has duplicate (date, instrument) rows; "
-                                "run a full export")
-        frame_s = time.perf_counter() - t
-        result = self._commit(snapshot_id, "incremental", start, new_end, universe, options, resolved, frame, days, sums,
-                              restated=restated, rows_added=len(frame) - n_old + rewritten,
-                              rows_rewritten=rewritten, rows_read=rows_read)
-        result.timings = {"checksums": check_s, "read_db": read_s, "read_snapshot": read_old_s, "frame": frame_s,
-                          **result.timings, "total": time.perf_counter() - t0}
-        return result
+        return external_frame(frame, options), n_old, rewritten
 
-    def _commit(self, snapshot_id, mode, start, end, universe, options, resolved, frame, days, sums, *, restated,
-                rows_added, rows_rewritten, rows_read) -> ExportResult:
+    def _commit(self, snapshot_id, mode, start, end, universe, options, resolved, ext, days, sums, *, restated,
+                rows_added, rows_rewritten, rows_read, applied="") -> ExportResult:
+        """Write ``ext`` (the file's frame) as the snapshot's new version, then its meta rows."""
         export_id = uuid.uuid4().hex
-        counts = frames.instrument_row_counts(frame.index)
+        ts_code = (lambda name: name) if options.instruments == "ts_code" else qlib_format.from_qlib_symbol
+        counts = {ts_code(name): n for name, n in frames.instrument_row_counts(ext.index).items()}
         expected = sums["rows_all"]
         if counts != {c: int(n) for c, n in expected.items() if n > 0}:
             raise SnapshotError("internal consistency: rows per instrument differ from the database's counts; "
@@ -277,25 +310,24 @@ class QlibDailyExporter:
         meta = {
             "start": start.isoformat(), "end": end.isoformat(),
             "as_of": datetime.now(timezone.utc).isoformat(timespec="seconds"), "export_id": export_id,
-            "instrument_count": int(len(counts)), "row_count": int(len(frame)),
+            "instrument_count": int(len(counts)), "row_count": int(len(ext)),
             "calendar_days": len(days),
-            "columns": [{"name": ("$" if options.columns == "dollar" else "") + c, **column_info.get(c, {})}
-                        for c in frame.columns],
+            "columns": [{"name": c, **column_info.get(c.lstrip("$"), {})} for c in ext.columns],
             "mapping": {"fingerprint": resolved.fingerprint(), "bars_table": resolved.mapping.bars_table,
                         "raw_table": resolved.mapping.raw_table, "factor_tables": list(resolved.factor_columns)},
             "options": options.to_json(), "universe": universe,
             "declaration_hash": declaration_hash(start, universe, options, resolved.fingerprint()),
             "last_export": {"mode": mode, "restated": restated, "rows_added": rows_added,
-                            "rows_rewritten": rows_rewritten, "rows_read": rows_read},
+                            "rows_rewritten": rows_rewritten, "rows_read": rows_read, "applied": applied},
         }
-        path, meta, timings = self.writer.write(snapshot_id, frame, days, options, meta, column_info,
+        path, meta, timings = self.writer.write(snapshot_id, ext, days, options, meta, column_info,
                                                 rewrite=set(restated) if mode == "incremental" else None)
         t = time.perf_counter()
         self.meta.replace(snapshot_id, states)
         timings["write_meta_repo"] = time.perf_counter() - t
-        return ExportResult(snapshot_id, mode, start, end, path, instruments=len(counts), rows=len(frame),
+        return ExportResult(snapshot_id, mode, start, end, path, instruments=len(counts), rows=len(ext),
                             per_instrument=per_inst, restated=restated, rows_added=rows_added,
-                            rows_rewritten=rows_rewritten, rows_read=rows_read, timings=timings,
+                            rows_rewritten=rows_rewritten, rows_read=rows_read, applied=applied, timings=timings,
                             sha256=meta["daily_pv_sha256"], export_id=export_id)
 
 

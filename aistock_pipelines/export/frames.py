@@ -164,15 +164,68 @@ def finish_in_place(block: np.ndarray, index: pd.MultiIndex, columns: list[str],
                         columns=columns, copy=False)
 
 
+def patch_sorted(block: np.ndarray, index: pd.MultiIndex, columns: list[str], delta: pd.DataFrame,
+                 replaced: set[str], split: np.datetime64) -> pd.DataFrame | None:
+    """A stored frame brought up to date in its own block, where :func:`merge_sorted` would copy it.
+
+    ``block[:len(index)]`` holds the stored rows (sorted by (datetime, instrument), every date on or before
+    ``split``); the rows after that are spare. ``delta`` (same columns and dtype, sorted) holds the replaced
+    instruments' whole histories and every other instrument's rows after ``split``. The replaced
+    instruments' stored rows are overwritten where ``delta`` has exactly the same (datetime, instrument)
+    keys — what a qfq restatement changes is values, not days — and delta's rows after ``split`` are
+    appended (they sort after every stored row). ``change`` is then recomputed over the whole block
+    (:func:`_change_into`, from the block's own rounded closes, as a full export computes it).
+
+    Returns the frame (a view of ``block``), or None — ``block`` untouched — when the keys differ (a day
+    added to or removed from a replaced history, a replaced instrument gone) or the spare rows do not
+    suffice: then merge."""
+    n = len(index)
+    dates, names = _levels(index)
+    c0, c1 = np.asarray(index.codes[0]), np.asarray(index.codes[1])
+    d_dates, d_names = _levels(delta.index)
+    row_dates = d_dates[np.asarray(delta.index.codes[0])]
+    d_c1 = np.asarray(delta.index.codes[1])
+    after = row_dates > split
+    k = int(after.sum())
+    if (list(delta.columns) != list(columns) or delta.to_numpy().dtype != block.dtype or block.shape[0] < n + k
+            or (len(dates) and dates.max() > split) or not bool(np.all(after[1:] >= after[:-1]))
+            or not (pd.Index(dates).is_monotonic_increasing and pd.Index(names).is_monotonic_increasing)):
+        return None
+    all_names = np.unique(np.concatenate([names, d_names]))
+    old_no, delta_no = np.searchsorted(all_names, names), np.searchsorted(all_names, d_names)
+    stored = np.flatnonzero(np.isin(names, np.asarray(list(replaced), dtype=object))[c1])  # replaced rows
+    before = len(delta) - k
+    if len(stored) != before or not (np.array_equal(dates[c0[stored]], row_dates[:before])
+                                     and np.array_equal(old_no[c1[stored]], delta_no[d_c1[:before]])):
+        return None
+    values = delta.to_numpy()
+    block[stored] = values[:before]
+    block[n:n + k] = values[before:]
+    new_dates = np.unique(row_dates[before:])
+    all_dates = np.concatenate([dates, new_dates])
+    codes0 = np.concatenate([c0, len(dates) + np.searchsorted(new_dates, row_dates[before:])])
+    codes1 = np.concatenate([old_no[c1], delta_no[d_c1[before:]]])
+    out = block[:n + k]
+    _change_into(out, list(columns).index(_close_name(columns)), list(columns).index(_close_name(columns, "change")), codes1)
+    return pd.DataFrame(out, index=make_index(all_dates, codes0, all_names, codes1), columns=columns, copy=False)
+
+
+def _close_name(columns: list[str], name: str = "close") -> str:
+    """``name`` or ``$name``, whichever the columns use (the stored file's column style)."""
+    return name if name in columns else f"${name}"
+
+
 def _change_into(block: np.ndarray, j_close: int, j_change: int, inst_codes: np.ndarray) -> None:
     """``change`` of a frame sorted by (datetime, instrument), computed in place: rows grouped by instrument
-    with a stable sort keep their date order, so the previous row of a group is the previous close."""
+    with a stable sort keep their date order, so the previous row of a group is the previous close. The
+    arithmetic is float64 whatever the block's dtype (a float32 block's closes are the rounded values a
+    full export divides)."""
     n = block.shape[0]
     if n == 0:
         return
     small = inst_codes.astype(np.int16) if inst_codes.max(initial=0) < 2**15 else inst_codes
     order = np.argsort(small, kind="stable")  # radix sort for int16 codes
-    close = block[:, j_close][order]
+    close = block[:, j_close][order].astype(np.float64, copy=False)
     prev = np.empty(n, dtype=np.float64)
     prev[0] = np.nan
     same = inst_codes[order][1:] == inst_codes[order][:-1]
@@ -207,6 +260,16 @@ def relabel(frame: pd.DataFrame, rename: Callable[[np.ndarray], np.ndarray], col
         values = np.ascontiguousarray(values)
     index = make_index(dates[d_order], k0, new[n_order], k1)
     return pd.DataFrame(values, index=index, columns=columns, copy=False)
+
+
+def strictly_sorted(index: pd.MultiIndex) -> bool:
+    """Rows strictly increasing by (datetime, instrument) over sorted levels: sorted and no key twice."""
+    if len(index) < 2:
+        return True
+    if not (index.levels[0].is_monotonic_increasing and index.levels[1].is_monotonic_increasing):
+        return False
+    key = np.asarray(index.codes[0], dtype=np.int64) * max(len(index.levels[1]), 1) + index.codes[1]
+    return bool(np.all(key[1:] > key[:-1]))
 
 
 def instrument_row_counts(index: pd.MultiIndex) -> dict[str, int]:

@@ -106,7 +106,7 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     inst = np.asarray(index.codes[1], dtype=np.int64)
     order = np.argsort(inst * (len(cal) + 1) + pos, kind="stable")  # by instrument, then calendar position
     inst_sorted, pos_sorted = inst[order], pos[order]
-    block = frame.to_numpy(dtype=np.float64)  # the frame's own row-major block: no copy
+    block = frame.to_numpy()  # the frame's own row-major block (float64 or float32): no copy
     take = [frame.columns.get_loc(f) for f in fields]
     names = np.asarray(index.levels[1], dtype=object)
     boundaries = np.flatnonzero(inst_sorted[1:] != inst_sorted[:-1]) + 1

@@ -136,6 +136,27 @@ def read_h5(path: Path) -> pd.DataFrame:
         return pd.read_hdf(path, key=H5_KEY)
 
 
+def read_h5_block(path: Path, spare_rows: int) -> tuple[np.ndarray, pd.MultiIndex, list[str]] | None:
+    """The stored frame's parts as :func:`write_h5` lays them out — a row-major block in the file's dtype
+    with ``spare_rows`` more rows after the stored ones, the index, the column names — read straight into
+    that block (no second copy), for :func:`frames.patch_sorted`. None for any other layout."""
+    import tables
+
+    with pd.HDFStore(path, mode="r") as store:
+        storer = store.get_storer(H5_KEY)
+        if type(storer).__name__ != "FrameFixed" or int(storer.nblocks) != 1:
+            return None
+        items, index = storer.read_index("axis0"), storer.read_index("axis1")
+        node = storer.group.block0_values
+        if (not storer.read_index("block0_items").equals(items) or not isinstance(index, pd.MultiIndex)
+                or not isinstance(node, tables.Array) or not getattr(node.attrs, "transposed", False)
+                or tuple(node.shape) != (len(index), len(items)) or node.dtype not in (np.float32, np.float64)):
+            return None
+        block = np.empty((len(index) + spare_rows, len(items)), dtype=node.dtype)
+        node.read(out=block[:len(index)])
+    return block, index, [str(c) for c in items]
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -163,6 +184,10 @@ class SnapshotWriter:
 
     def read_frame(self, snapshot_id: str) -> pd.DataFrame:
         return internal_frame(read_h5(self.path(snapshot_id) / "daily_pv.h5"))
+
+    def read_block(self, snapshot_id: str, spare_rows: int) -> tuple[np.ndarray, pd.MultiIndex, list[str]] | None:
+        """The current ``daily_pv.h5`` as it is stored (:func:`read_h5_block`)."""
+        return read_h5_block(self.path(snapshot_id) / "daily_pv.h5", spare_rows)
 
     def list_ids(self) -> list[str]:
         if not self.root.exists():
@@ -201,11 +226,12 @@ class SnapshotWriter:
 
     # ---------------------------------------------------------------------------------- writing
 
-    def write(self, snapshot_id: str, frame: pd.DataFrame, calendar: list[date], options: SnapshotOptions,
+    def write(self, snapshot_id: str, ext: pd.DataFrame, calendar: list[date], options: SnapshotOptions,
               meta: dict, column_info: dict[str, dict], *, rewrite: set[str] | None = None
               ) -> tuple[Path, dict, dict[str, float]]:
-        """Build a complete new version and swap it in. ``frame`` is internal (plain, ts_code, float64,
-        sorted). Returns (path, final meta, per-phase seconds). Caller holds :meth:`lock`.
+        """Build a complete new version and swap it in. ``ext`` is the file's frame (:func:`external_frame`:
+        column style, instrument names and dtype of ``options``; sorted, row-major). Returns (path, final
+        meta, per-phase seconds). Caller holds :meth:`lock`.
 
         ``rewrite`` (incremental exports): the ts_codes whose history changed. Every other instrument's bins
         are hard links to the current version's files, extended in place by the new days
@@ -218,16 +244,12 @@ class SnapshotWriter:
         version = self.root / ".versions" / f"{snapshot_id}@{stamp}"
         version.mkdir(parents=True)
 
-        ext = external_frame(frame, options)
         write_h5(version / "daily_pv.h5", ext)
         timings["write_h5"] = time.perf_counter() - t0
 
         t = time.perf_counter()
         qlib_format.write_calendar(version / "calendars" / "day.txt", calendar)
-        # Rows keep their order; only the instrument level is renamed (a bijection).
-        named = frame.set_axis(frame.index.set_levels(
-            pd.Index(qlib_format.instrument_names(frame.index.levels[1], options.instruments), dtype=object),
-            level=1, verify_integrity=False), axis=0)
+        named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)  # bins are named by field
         qlib_format.write_instruments(version / "instruments" / "all.txt", qlib_format.instrument_spans(named, calendar))
         n_bins = 0
         if options.qlib_bins:
@@ -235,7 +257,7 @@ class SnapshotWriter:
             if rewrite is not None:
                 reuse = self._bin_reuse(snapshot_id, calendar,
                                         set(qlib_format.instrument_names(sorted(rewrite), options.instruments)))
-            n_bins = qlib_format.write_bins(version / "features", named, calendar, list(frame.columns), reuse=reuse)
+            n_bins = qlib_format.write_bins(version / "features", named, calendar, list(named.columns), reuse=reuse)
         timings["write_bins"] = time.perf_counter() - t
 
         t = time.perf_counter()
