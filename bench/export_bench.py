@@ -631,8 +631,8 @@ def _commas(xs) -> str:
 
 
 def _phase_order(name: str) -> tuple[int, str]:
-    order = ["checksums", "read_db", "read_snapshot", "frame", "write_h5", "write_bins", "write_rdagent",
-             "write_meta", "swap", "write_meta_repo", "total"]
+    order = ["checksums", "read_db", "read_snapshot", "frame", "write_bins", "write_h5", "write_rdagent",
+             "hash_h5", "wait_bins", "write_meta", "swap", "write_meta_repo", "total"]
     return (order.index(name) if name in order else len(order) - 1, name)
 
 

@@ -22,6 +22,8 @@ import json
 import os
 import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
@@ -236,46 +238,56 @@ class SnapshotWriter:
         ``rewrite`` (incremental exports): the ts_codes whose history changed. Every other instrument's bins
         are hard links to the current version's files, extended in place by the new days
         (:func:`qlib_format.write_bins`); None writes every bin anew."""
-        import time
-
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         version = self.root / ".versions" / f"{snapshot_id}@{stamp}"
         version.mkdir(parents=True)
-
-        write_h5(version / "daily_pv.h5", ext)
-        timings["write_h5"] = time.perf_counter() - t0
-
-        t = time.perf_counter()
         qlib_format.write_calendar(version / "calendars" / "day.txt", calendar)
         named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)  # bins are named by field
         qlib_format.write_instruments(version / "instruments" / "all.txt", qlib_format.instrument_spans(named, calendar))
-        n_bins = 0
-        if options.qlib_bins:
+
+        def bins() -> int:
+            t = time.perf_counter()
             reuse = None
             if rewrite is not None:
                 reuse = self._bin_reuse(snapshot_id, calendar,
                                         set(qlib_format.instrument_names(sorted(rewrite), options.instruments)))
-            n_bins = qlib_format.write_bins(version / "features", named, calendar, list(named.columns), reuse=reuse)
-        timings["write_bins"] = time.perf_counter() - t
+            n = qlib_format.write_bins(version / "features", named, calendar, list(named.columns), reuse=reuse)
+            timings["write_bins"] = time.perf_counter() - t
+            return n
 
-        t = time.perf_counter()
-        readme = rdagent_readme(snapshot_id, ext, column_info, options)
-        (version / "rdagent").mkdir()
-        os.link(version / "daily_pv.h5", version / "rdagent" / "daily_pv.h5")
-        (version / "rdagent" / "README.md").write_text(readme)
-        debug = debug_subset(ext, options)
-        (version / "rdagent_debug").mkdir()
-        write_h5(version / "rdagent_debug" / "daily_pv.h5", debug)
-        (version / "rdagent_debug" / "README.md").write_text(
-            readme + f"\nDebug subset: last {options.debug_years} years × {options.debug_instruments} instruments "
-                     f"({len(debug)} rows).\n")
-        timings["write_rdagent"] = time.perf_counter() - t
+        # The bins (tens of thousands of small files: system calls, the GIL free) are written by a second
+        # thread while this one writes the HDF5 files and hashes daily_pv.h5 (large writes and reads, the
+        # GIL free too): measured at 5.6 M × 21, the bins' 3.8–5.3 s then mostly hide behind the rest.
+        with ThreadPoolExecutor(1, thread_name_prefix="bins") as pool:
+            n_bins = pool.submit(bins) if options.qlib_bins else None
+            t = time.perf_counter()
+            write_h5(version / "daily_pv.h5", ext)
+            timings["write_h5"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            readme = rdagent_readme(snapshot_id, ext, column_info, options)
+            (version / "rdagent").mkdir()
+            os.link(version / "daily_pv.h5", version / "rdagent" / "daily_pv.h5")
+            (version / "rdagent" / "README.md").write_text(readme)
+            debug = debug_subset(ext, options)
+            (version / "rdagent_debug").mkdir()
+            write_h5(version / "rdagent_debug" / "daily_pv.h5", debug)
+            (version / "rdagent_debug" / "README.md").write_text(
+                readme + f"\nDebug subset: last {options.debug_years} years × {options.debug_instruments} instruments "
+                         f"({len(debug)} rows).\n")
+            timings["write_rdagent"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            digest = sha256_file(version / "daily_pv.h5")
+            timings["hash_h5"] = time.perf_counter() - t
+            t = time.perf_counter()
+            n_bins = n_bins.result() if n_bins is not None else 0  # a failure in the bins raises here
+            timings["wait_bins"] = time.perf_counter() - t
 
         t = time.perf_counter()
         meta = {**meta, "snapshot_id": snapshot_id, "market": self.market, "freq": "day",
-                "daily_pv_sha256": sha256_file(version / "daily_pv.h5"),
+                "daily_pv_sha256": digest,
                 "files": {"daily_pv.h5": (version / "daily_pv.h5").stat().st_size,
                           "rdagent_debug/daily_pv.h5": (version / "rdagent_debug" / "daily_pv.h5").stat().st_size,
                           "bins": n_bins}}
@@ -344,8 +356,6 @@ def debug_subset(ext: pd.DataFrame, options: SnapshotOptions) -> pd.DataFrame:
 def _remove_tree(path: Path, workers: int = 4) -> None:
     """``rm -r`` of a version: the per-instrument folders of ``features/`` in a few threads (unlinking is a
     system call per file, 84,000 at 4,000 instruments × 21 fields; the GIL is released meanwhile)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     features = path / "features"
     if features.is_dir() and not features.is_symlink():
         with ThreadPoolExecutor(workers) as pool:
