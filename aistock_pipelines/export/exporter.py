@@ -189,7 +189,7 @@ class QlibDailyExporter:
             sums = s.checksums(start, None, end, universe)
             check_s = time.perf_counter() - t
             t = time.perf_counter()
-            block, index, columns = s.load_daily_block(universe, start, end)
+            block, index, columns = s.load_daily_block(universe, start, end, expected_rows=int(sums["rows_all"].sum()))
             frame = pd.DataFrame(block, index=index, columns=columns, copy=False)
             read_s = time.perf_counter() - t
             rows_read = s.rows_read
