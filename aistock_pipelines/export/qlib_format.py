@@ -20,6 +20,7 @@ import pandas as pd
 from aistock_pipelines.export.frames import first_last_dates
 
 _EXCHANGES = ("SH", "SZ", "BJ")
+_BLOCK = 4096  # the file system block (and page) size bins are extended by
 
 
 def to_qlib_symbol(ts_code: str) -> str:
@@ -86,10 +87,10 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     instrument) with plain logical column names.
 
     With ``reuse``, an instrument whose history did not change and whose first day is the same gets hard
-    links to the current version's files, extended in place by the new days: ``pwrite`` at the calendar
-    position after the current version's last day, then ``ftruncate`` to the exact length. Readers of the
-    current version never see the change — Qlib reads a bin only up to its own calendar's end — and a
-    crashed run leaves nothing a rerun does not overwrite. Creating a file costs 0.1–0.9 ms on a busy ext4
+    links to the current version's files, extended in place by the new days: one ``pwrite`` of whole blocks
+    from the block holding the current version's last day (its bytes rewritten unchanged), then
+    ``ftruncate`` to the exact length. Readers of the current version never see a change — Qlib reads a
+    bin only up to its own calendar's end — and a crashed run leaves nothing a rerun does not overwrite. Creating a file costs 0.1–0.9 ms on a busy ext4
     (it waits on the journal): 84,000 of them take 7–30 s, links plus 4-byte writes ~3 s. New files are
     written by ``workers`` threads (the system calls release the GIL), links in the calling thread."""
     index = frame.index
@@ -137,20 +138,31 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
 
     def extend(a: int, b: int, old_last: int) -> bool:
         """Link the current files and append this instrument's new days; False if any file cannot be
-        reused (then the instrument is written anew — never through a link)."""
+        reused (then the instrument is written anew — never through a link).
+
+        The write starts at the file system block holding the current end and covers whole blocks (the
+        bytes before the end are rewritten with the values they already hold; the file is then truncated
+        to its length): a write into part of a block whose page is not cached first reads that block from
+        disk — one random read per file, 84,000 at 4,000 instruments × 21 fields, measured 7–10 s once the
+        previous day's bins had left the page cache."""
         name = str(names[inst_sorted[a]])
         target = folder(name)
         source = os.path.join(str(reuse.features), name.lower())
         p = pos_sorted[a:b]
         first, last = int(p[0]), int(p[-1])
-        k = int(np.searchsorted(p, old_last, side="right"))  # rows after the current version's last day
-        tail = np.full((len(files), last - old_last), np.nan, dtype="<f4")
-        if k < len(p):
-            tail[:, p[k:] - old_last - 1] = np.take(block, order[a + k:b], axis=0)[:, take].T
         valid, length = 4 * (old_last - first + 2), 4 * (last - first + 2)
+        offset = valid - valid % _BLOCK  # element offset // 4 of the file; element e ≥ 1 is position first + e − 1
+        size = -(-length // _BLOCK) * _BLOCK - offset
+        span = np.full((len(files), size // 4), np.nan, dtype="<f4")
+        e0 = offset // 4
+        if e0 == 0:
+            span[:, 0] = np.float32(first)
+        k = int(np.searchsorted(p, first + max(e0, 1) - 1))  # rows from the first rewritten position on
+        if k < len(p):
+            span[:, p[k:] - first + 1 - e0] = np.take(block, order[a + k:b], axis=0)[:, take].T
         done = []
         for i, file in enumerate(files):
-            if not _extend_link(f"{source}/{file}", f"{target}/{file}", tail[i].tobytes(), valid, length):
+            if not _extend_link(f"{source}/{file}", f"{target}/{file}", span[i].tobytes(), offset, valid, length):
                 for d in done:
                     os.unlink(d)
                 return False
@@ -181,24 +193,22 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     return (len(fresh) + len(linked)) * len(fields)
 
 
-def _extend_link(source: str, path: str, tail: bytes, valid: int, length: int) -> bool:
+def _extend_link(source: str, path: str, data: bytes, offset: int, valid: int, length: int) -> bool:
     """Hard-link ``source`` to ``path``, whose first ``valid`` bytes are known to be right, and make it
-    ``length`` bytes: ``tail`` written in place at ``valid``, then truncated. False (and no ``path``) when
-    the source is missing or shorter than ``valid``."""
+    ``length`` bytes: ``data`` (whole blocks from ``offset`` ≤ ``valid``: the bytes there now, then the new
+    ones) written in place, then truncated to ``length``. False (and no ``path``) when the source is
+    missing or shorter than ``valid``."""
     try:
         os.link(source, path)
     except FileNotFoundError:
         return False
     fd = os.open(path, os.O_WRONLY)
     try:
-        size = os.fstat(fd).st_size
-        if size < valid:
+        if os.fstat(fd).st_size < valid:
             os.unlink(path)
             return False
-        if tail:
-            os.pwrite(fd, tail, valid)
-        if size > length:  # bytes a crashed run appended beyond this version's end
-            os.ftruncate(fd, length)
+        os.pwrite(fd, data, offset)
+        os.ftruncate(fd, length)  # the block's padding, and bytes a crashed run appended beyond the end
     finally:
         os.close(fd)
     return True

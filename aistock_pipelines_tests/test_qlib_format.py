@@ -1,0 +1,53 @@
+"""Qlib bins extended in place through hard links equal bins written anew (no database needed)."""
+
+from __future__ import annotations
+
+import os
+from datetime import date, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aistock_pipelines.export import frames, qlib_format
+
+
+def panel(calendar: list[date], names: list[str], skip: set[tuple[int, str]]) -> pd.DataFrame:
+    """Rows for every (day, name) except ``skip`` (suspensions), values that differ per cell."""
+    keys = [(d, n) for d, day in enumerate(calendar) for n in names if (d, n) not in skip]
+    dates = np.array(calendar, dtype="datetime64[D]").astype("datetime64[ns]")
+    c0 = np.array([d for d, _ in keys])
+    c1 = np.array([names.index(n) for _, n in keys])
+    values = np.column_stack([c0 * 1.5 + c1, -(c0 + 0.25) * (c1 + 1)]).astype(np.float64)
+    return pd.DataFrame(values, index=frames.make_index(dates, c0, np.array(names, dtype=object), c1),
+                        columns=["close", "volume"])
+
+
+@pytest.mark.parametrize("old_days", [1022, 1023, 1024, 1030, 40])
+def test_bins_extended_through_links_equal_fresh_bins(tmp_path, old_days):
+    """Old files ending just before, at and after a 4 KiB block boundary (1023 values + the start
+    element = 4096 bytes), a suspension inside the rewritten block, junk a crashed run appended; the
+    current version's files keep their bytes up to their own length."""
+    calendar = [date(2020, 1, 1) + timedelta(days=i) for i in range(1100)]
+    names = ["sh600000", "sz000001"]
+    skip = {(old_days - 2, "sz000001"), (old_days + 3, "sh600000")}
+    whole = panel(calendar, names, skip)
+    old = whole[whole.index.get_level_values(0) < pd.Timestamp(calendar[old_days])]
+    current, fresh, extended = tmp_path / "current", tmp_path / "fresh", tmp_path / "extended"
+    qlib_format.write_bins(current, old, calendar[:old_days], ["close", "volume"])
+    before = {p.relative_to(current): p.read_bytes() for p in current.rglob("*.bin")}
+    with open(current / "sh600000" / "close.day.bin", "ab") as f:
+        f.write(b"junk from a crashed run")
+    spans = {n: (0, old_days - 1) for n in names}
+    reuse = qlib_format.BinReuse(current, spans, rewrite=set())
+    assert qlib_format.write_bins(extended, whole, calendar, ["close", "volume"], reuse=reuse) == 4
+    qlib_format.write_bins(fresh, whole, calendar, ["close", "volume"])
+    for rel in before:
+        assert (extended / rel).read_bytes() == (fresh / rel).read_bytes(), rel
+        assert os.stat(extended / rel).st_ino == os.stat(current / rel).st_ino, "extended through a hard link"
+        start, values = qlib_format.read_bin(extended / rel)
+        assert start == 0 and len(values) == 1100
+        # what the current version reads (up to its own calendar's end) is unchanged
+        assert (current / rel).read_bytes()[:len(before[rel])] == before[rel]
+    _, values = qlib_format.read_bin(fresh / "sz000001" / "close.day.bin")
+    assert np.isnan(values[old_days - 2]) and values[old_days - 1] == (old_days - 1) * 1.5 + 1
