@@ -38,7 +38,7 @@ def test_range_backfill_then_daily_partition_equals_full_export(market_db, tmp_p
         adv = advance_market(engine, events=3)
         daily = _materialize(assets["demo_qlib"], resources, instance, partition_key=adv.trade_date.isoformat())
         md = daily.asset_materializations_for_node("snapshots__demo_qlib")[0].metadata
-        assert md["mode"].value == "incremental" and md["restated_instruments"].value == len(adv.restated)
+        assert md["mode"].value == "incremental" and md["applied"].value == "in place" and md["restated_instruments"].value == len(adv.restated)
     engine.dispose()
     # a weekend partition does no work
     weekend = _materialize(assets["demo_qlib"], resources, instance, partition_key="2024-06-22")

@@ -259,38 +259,39 @@ class QlibDailyExporter:
         for part in (new_rows, history):
             if part is not None:
                 check_gates(part, set(days))
-        t = time.perf_counter()
-        # The rows to write: the restated histories whole, everyone else's new days (rounded, sorted, in the
-        # file's shape), applied to the stored block in place; a merge when the keys do not line up.
-        delta = [] if new_rows is None else [(new_rows, ~frames.instrument_mask(new_rows.index, restated))]
-        delta += [] if history is None else [(history, None)]
-        delta = external_frame(frames.merge_sorted(delta, dtype=options.dtype), options)
-        split = np.datetime64(prev_end, "ns")
-        spare = int((delta.index.levels[0][delta.index.codes[0]] > split).sum())  # = len(new_rows)
-        frame_s = time.perf_counter() - t
         if stored is None:  # restatements only, no new day
-            stored = read_stored(spare)
+            stored = read_stored(0)
         t = time.perf_counter()
-        replaced = set(qlib_format.instrument_names(restated, options.instruments))
-        ext = None if stored is None else frames.patch_sorted(*stored, delta, replaced, split)
+        ext, n_old, rewritten, applied = self._updated(snapshot_id, stored, new_rows, history, restated, prev_end, options)
         del stored
-        applied = "in place"
-        if ext is not None:
-            n_old, rewritten = len(ext) - spare, len(delta) - spare  # the stored rows delta overwrote
-        else:
-            applied = "merge"
-            ext, n_old, rewritten = self._merged(snapshot_id, new_rows, history, restated, options)
-        del delta
         if not frames.strictly_sorted(ext.index):  # the parts are disjoint by construction; never write if not
             raise DataGateError("internal consistency: the merged snapshot has duplicate (date, instrument) rows; "
                                 "run a full export")
-        frame_s += time.perf_counter() - t
+        frame_s = time.perf_counter() - t
         result = self._commit(snapshot_id, "incremental", start, new_end, universe, options, resolved, ext, days, sums,
                               restated=restated, rows_added=len(ext) - n_old + rewritten,
                               rows_rewritten=rewritten, rows_read=rows_read, applied=applied)
         result.timings = {"checksums": check_s, "read_db": read_s, **timings, "wait_snapshot": wait_s,
                           "frame": frame_s, **result.timings, "total": time.perf_counter() - t0}
         return result
+
+    def _updated(self, snapshot_id: str, stored: tuple[np.ndarray, pd.MultiIndex, list[str]] | None,
+                 new_rows: pd.DataFrame | None, history: pd.DataFrame | None, restated: list[str], prev_end: date,
+                 options: SnapshotOptions) -> tuple[pd.DataFrame, int, int, str]:
+        """The snapshot's new frame in the file's shape: the restated histories whole and everyone else's new
+        days (rounded, sorted) applied to the stored block in place (:func:`frames.patch_sorted`), or merged
+        into a new block when a restated history's days changed (:meth:`_merged`). Returns (frame, stored
+        rows, stored rows replaced, ``"in place"`` | ``"merge"``)."""
+        delta = [] if new_rows is None else [(new_rows, ~frames.instrument_mask(new_rows.index, restated))]
+        delta += [] if history is None else [(history, None)]
+        delta = external_frame(frames.merge_sorted(delta, dtype=options.dtype), options)
+        split = np.datetime64(prev_end, "ns")
+        replaced = set(qlib_format.instrument_names(restated, options.instruments))
+        ext = None if stored is None else frames.patch_sorted(*stored, delta, replaced, split)
+        if ext is not None:
+            appended = int((delta.index.levels[0][delta.index.codes[0]] > split).sum())
+            return ext, len(ext) - appended, len(delta) - appended, "in place"
+        return (*self._merged(snapshot_id, new_rows, history, restated, options), "merge")
 
     def _merged(self, snapshot_id: str, new_rows: pd.DataFrame | None, history: pd.DataFrame | None,
                 restated: list[str], options: SnapshotOptions) -> tuple[pd.DataFrame, int, int]:

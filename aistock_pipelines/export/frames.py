@@ -206,7 +206,8 @@ def patch_sorted(block: np.ndarray, index: pd.MultiIndex, columns: list[str], de
     codes0 = np.concatenate([c0, len(dates) + np.searchsorted(new_dates, row_dates[before:])])
     codes1 = np.concatenate([old_no[c1], delta_no[d_c1[before:]]])
     out = block[:n + k]
-    _change_into(out, list(columns).index(_close_name(columns)), list(columns).index(_close_name(columns, "change")), codes1)
+    at = {c: j for j, c in enumerate(columns)}
+    _change_into(out, at[_close_name(columns)], at[_close_name(columns, "change")], codes1)
     return pd.DataFrame(out, index=make_index(all_dates, codes0, all_names, codes1), columns=columns, copy=False)
 
 

@@ -18,7 +18,7 @@ import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import Iterable, Iterator, TypeVar
 
 import adbc_driver_postgresql.dbapi as adbc
@@ -189,36 +189,45 @@ class ReadSession:
     def checksums(self, start: date, split: date | None, end: date, ts_codes: list[str] | None) -> pd.DataFrame:
         """Per instrument: rows and fingerprint over [start, split] ("old") and [start, end] ("all").
 
-        The raw table's term is aggregated on its own and joined per instrument, not per row — the same
-        value whenever each raw row in the range has its bar (the layout); a raw row without a bar only
-        makes the instrument count as changed."""
+        Each row is aggregated once: the old part and the part after ``split`` are separate GROUP BYs and
+        "all" is their exact (numeric) sum — the part after ``split`` is the new days, an index range scan;
+        aggregating every row twice (once under a FILTER) cost the server 40 % more. The raw table's term is
+        aggregated on its own and joined per instrument, not per row — the same value whenever each raw row
+        in the range has its bar (the layout); a raw row without a bar only makes the instrument count as
+        changed."""
         m = self.resolved.mapping
         universe, uparams = self._universe_clause(ts_codes, 4)
-        split = split or date(1900, 1, 1)
-        old = " FILTER (WHERE b.trade_date <= $2)"
+        split = max(split or start - timedelta(days=1), start - timedelta(days=1))
         types = self._column_types(m.bars_table)
-        bars = (f"SELECT b.ts_code, count(*) FILTER (WHERE b.trade_date <= $2) AS rows_old, "
-                f"{_fingerprint_sums(m, types, old)} AS sum_old, count(*) AS rows_all, "
-                f"{_fingerprint_sums(m, types, '')} AS sum_all, "
-                f"min(b.trade_date) AS first_date, max(b.trade_date) AS last_date "
-                f"FROM {quote_table(m.bars_table)} b WHERE b.trade_date BETWEEN $1 AND $3{universe} GROUP BY b.ts_code")
+        parts = {"o": "BETWEEN $1 AND $2", "n": "> $2 AND {a}.trade_date BETWEEN $1 AND $3"}
+
+        def bars(part: str) -> str:
+            return (f"SELECT b.ts_code, count(*) AS n, {_fingerprint_sums(m, types, '')} AS s, "
+                    f"min(b.trade_date) AS first_date, max(b.trade_date) AS last_date FROM {quote_table(m.bars_table)} b "
+                    f"WHERE b.trade_date {parts[part].format(a='b')}{universe} GROUP BY b.ts_code")
+
+        ctes = [f"bo AS ({bars('o')})", f"bn AS ({bars('n')})"]
+        raw_old = raw_all = "0"
         if m.raw_table:
             close = m.fields["close"].column
             raw_type = self._column_types(m.raw_table).get(close, "")
             rday = f"(r.trade_date - {_EPOCH} + 1)"
             raw_universe, _ = self._universe_clause(ts_codes, 4, alias="r")
             column = 'r."' + close + '"'
-            raw = (f"SELECT r.ts_code, "
-                   f"{_weighted_sum(column, raw_type, True, rday, ' FILTER (WHERE r.trade_date <= $2)')} AS s_old, "
-                   f"{_weighted_sum(column, raw_type, True, rday, '')} AS s_all "
-                   f"FROM {quote_table(m.raw_table)} r WHERE r.trade_date BETWEEN $1 AND $3{raw_universe} GROUP BY r.ts_code")
-            q = (f"WITH bars AS ({bars}), raw AS ({raw}) SELECT bars.ts_code, bars.rows_old, "
-                 f"(bars.sum_old + 41 * coalesce(raw.s_old, 0))::text AS sum_old, bars.rows_all, "
-                 f"(bars.sum_all + 41 * coalesce(raw.s_all, 0))::text AS sum_all, bars.first_date, bars.last_date "
-                 f"FROM bars LEFT JOIN raw ON raw.ts_code = bars.ts_code ORDER BY bars.ts_code")
+            for part in ("o", "n"):
+                ctes.append(f"r{part} AS (SELECT r.ts_code, {_weighted_sum(column, raw_type, True, rday, '')} AS s "
+                            f"FROM {quote_table(m.raw_table)} r WHERE r.trade_date {parts[part].format(a='r')}{raw_universe} "
+                            f"GROUP BY r.ts_code)")
+            joins = ("LEFT JOIN ro ON ro.ts_code = k.ts_code LEFT JOIN rn ON rn.ts_code = k.ts_code")
+            raw_old, raw_all = "coalesce(ro.s, 0)", "coalesce(ro.s, 0) + coalesce(rn.s, 0)"
         else:
-            q = (f"WITH bars AS ({bars}) SELECT ts_code, rows_old, sum_old::text AS sum_old, rows_all, "
-                 f"sum_all::text AS sum_all, first_date, last_date FROM bars ORDER BY ts_code")
+            joins = ""
+        q = (f"WITH {', '.join(ctes)} SELECT k.ts_code, coalesce(bo.n, 0) AS rows_old, "
+             f"(coalesce(bo.s, 0) + 41 * {raw_old})::text AS sum_old, coalesce(bo.n, 0) + coalesce(bn.n, 0) AS rows_all, "
+             f"(coalesce(bo.s, 0) + coalesce(bn.s, 0) + 41 * ({raw_all}))::text AS sum_all, "
+             f"least(bo.first_date, bn.first_date) AS first_date, greatest(bo.last_date, bn.last_date) AS last_date "
+             f"FROM (SELECT ts_code FROM bo UNION SELECT ts_code FROM bn) k "
+             f"LEFT JOIN bo ON bo.ts_code = k.ts_code LEFT JOIN bn ON bn.ts_code = k.ts_code {joins} ORDER BY k.ts_code")
         return self._arrow(q, (start, split, end, *uparams)).to_pandas().set_index("ts_code")
 
     def _column_types(self, table: str) -> dict[str, str]:

@@ -83,6 +83,8 @@ def result_metadata(result: ExportResult) -> dict:
         "sha256": result.sha256,
         "path": MetadataValue.path(str(result.path)),
     }
+    if result.applied:
+        meta["applied"] = result.applied  # incremental: "in place" or "merge"
     meta.update({f"seconds_{k}": float(round(v, 4)) for k, v in result.timings.items()})
     if frame_preview is not None:
         meta["columns"] = MetadataValue.json(list(frame_preview.columns))
