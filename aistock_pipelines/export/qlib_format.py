@@ -105,7 +105,12 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
         raise ValueError(f"rows on days missing from the calendar: {list(level_dates[used & ~found][:3])}")
     pos = level_pos[index.codes[0]].astype(np.int64)
     inst = np.asarray(index.codes[1], dtype=np.int64)
-    order = np.argsort(inst * (len(cal) + 1) + pos, kind="stable")  # by instrument, then calendar position
+    # by instrument, then calendar position; rows in date order (every snapshot frame) need only a stable
+    # sort by instrument — a radix sort of 16-bit codes, ≈ 10× faster than sorting the combined int64 keys
+    if len(pos) and bool(np.all(pos[1:] >= pos[:-1])) and inst.max(initial=0) < 2**15:
+        order = np.argsort(inst.astype(np.int16), kind="stable")
+    else:
+        order = np.argsort(inst * (len(cal) + 1) + pos, kind="stable")
     inst_sorted, pos_sorted = inst[order], pos[order]
     block = frame.to_numpy()  # the frame's own row-major block (float64 or float32): no copy
     take = [frame.columns.get_loc(f) for f in fields]
