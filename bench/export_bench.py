@@ -430,8 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"work database {work}: {bars:,} bars, {n_inst} instruments, {db_bytes / 2**30:.1f} GiB "
             f"(copied in {time.perf_counter() - t:.0f} s)")
         root = args.snapshots
-        if root.exists():
+        if root.exists():  # a run with --keep left its snapshots
             shutil.rmtree(root)
+            os.sync()
+            log("removed the previous run's snapshots; waiting 45 s (a file system without a journal slows "
+                "inode creation for ~35 s after a mass delete, see docs/performance.md)")
+            time.sleep(45)
         root.mkdir(parents=True)
         res: dict = {"spec": spec.to_json(), "bars": bars, "instruments": n_inst, "db_bytes": db_bytes,
                      "seed": seeded, "machine": facts, "repeat": args.repeat, "baseline_repeat": baseline_repeat,
