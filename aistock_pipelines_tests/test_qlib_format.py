@@ -51,3 +51,21 @@ def test_bins_extended_through_links_equal_fresh_bins(tmp_path, old_days):
         assert (current / rel).read_bytes()[:len(before[rel])] == before[rel]
     _, values = qlib_format.read_bin(fresh / "sz000001" / "close.day.bin")
     assert np.isnan(values[old_days - 2]) and values[old_days - 1] == (old_days - 1) * 1.5 + 1
+
+
+def test_stored_block_is_read_with_spare_rows_or_not_at_all(tmp_path):
+    """``read_h5_block`` hands back the file's row-major block (in its dtype) with spare rows after the stored
+    ones; a file in any other layout (here: two dtypes, so two blocks) gives None and the exporter merges."""
+    from aistock_pipelines.export.snapshot_writer import read_h5_block, write_h5
+
+    calendar = [date(2024, 1, 1) + timedelta(days=i) for i in range(30)]
+    frame = panel(calendar, ["sh600000", "sz000001"], set())
+    ext = frame.astype(np.float32)
+    write_h5(tmp_path / "a.h5", ext)
+    block, index, columns = read_h5_block(tmp_path / "a.h5", 7)
+    assert block.dtype == np.float32 and block.shape == (len(frame) + 7, 2) and block.flags.c_contiguous
+    assert columns == ["close", "volume"] and index.equals(frame.index)
+    np.testing.assert_array_equal(block[:len(frame)], ext.to_numpy())
+    mixed = frame.assign(volume=frame["volume"].astype(np.float32))
+    write_h5(tmp_path / "b.h5", mixed)
+    assert read_h5_block(tmp_path / "b.h5", 7) is None
