@@ -69,3 +69,26 @@ def test_stored_block_is_read_with_spare_rows_or_not_at_all(tmp_path):
     mixed = frame.assign(volume=frame["volume"].astype(np.float32))
     write_h5(tmp_path / "b.h5", mixed)
     assert read_h5_block(tmp_path / "b.h5", 7) is None
+
+
+def test_an_instrument_missing_a_current_bin_is_written_anew(tmp_path):
+    """A current version lacking one of an instrument's files (deleted by hand, say): none of that
+    instrument's files is linked — all are written anew — and the result still equals fresh bins."""
+    calendar = [date(2020, 1, 1) + timedelta(days=i) for i in range(60)]
+    names = ["sh600000", "sz000001"]
+    whole = panel(calendar, names, set())
+    old = whole[whole.index.get_level_values(0) < pd.Timestamp(calendar[50])]
+    current, fresh, extended = tmp_path / "current", tmp_path / "fresh", tmp_path / "extended"
+    qlib_format.write_bins(current, old, calendar[:50], ["close", "volume"])
+    (current / "sz000001" / "volume.day.bin").unlink()
+    before = (current / "sz000001" / "close.day.bin").read_bytes()
+    reuse = qlib_format.BinReuse(current, {n: (0, 49) for n in names}, rewrite=set())
+    qlib_format.write_bins(extended, whole, calendar, ["close", "volume"], reuse=reuse)
+    qlib_format.write_bins(fresh, whole, calendar, ["close", "volume"])
+    for rel in ("sh600000/close.day.bin", "sh600000/volume.day.bin", "sz000001/close.day.bin", "sz000001/volume.day.bin"):
+        assert (extended / rel).read_bytes() == (fresh / rel).read_bytes(), rel
+    assert os.stat(extended / "sh600000/close.day.bin").st_ino == os.stat(current / "sh600000/close.day.bin").st_ino
+    assert os.stat(extended / "sz000001/close.day.bin").st_ino != os.stat(current / "sz000001/close.day.bin").st_ino
+    # its close file may have been extended through the link before the missing volume file was found:
+    # what the current version reads (its first 51 values) is unchanged either way
+    assert (current / "sz000001" / "close.day.bin").read_bytes()[:len(before)] == before

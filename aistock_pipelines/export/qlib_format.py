@@ -165,14 +165,21 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
         k = int(np.searchsorted(p, first + max(e0, 1) - 1))  # rows from the first rewritten position on
         if k < len(p):
             span[:, p[k:] - first + 1 - e0] = np.take(block, order[a + k:b], axis=0)[:, take].T
-        done = []
-        for i, file in enumerate(files):
-            if not _extend_link(f"{source}/{file}", f"{target}/{file}", span[i].tobytes(), offset, valid, length):
-                for d in done:
-                    os.unlink(d)
-                return False
-            done.append(f"{target}/{file}")
-        return True
+        try:  # names relative to the two folders: the kernel resolves each long path once, not per call
+            src = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return False
+        dst = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i, file in enumerate(files):
+                if not _extend_link(src, dst, file, span[i].tobytes(), offset, valid, length):
+                    for done in files[:i]:
+                        os.unlink(done, dir_fd=dst)
+                    return False
+            return True
+        finally:
+            os.close(src)
+            os.close(dst)
 
     fresh, linked = [], []
     for a, b in zip(starts, ends):
@@ -198,19 +205,19 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     return (len(fresh) + len(linked)) * len(fields)
 
 
-def _extend_link(source: str, path: str, data: bytes, offset: int, valid: int, length: int) -> bool:
-    """Hard-link ``source`` to ``path``, whose first ``valid`` bytes are known to be right, and make it
-    ``length`` bytes: ``data`` (whole blocks from ``offset`` ≤ ``valid``: the bytes there now, then the new
-    ones) written in place, then truncated to ``length``. False (and no ``path``) when the source is
-    missing or shorter than ``valid``."""
+def _extend_link(src_dir: int, dst_dir: int, name: str, data: bytes, offset: int, valid: int, length: int) -> bool:
+    """Hard-link ``name`` from folder ``src_dir`` into folder ``dst_dir`` (open descriptors), whose first
+    ``valid`` bytes are known to be right, and make it ``length`` bytes: ``data`` (whole blocks from
+    ``offset`` ≤ ``valid``: the bytes there now, then the new ones) written in place, then truncated to
+    ``length``. False (and no new link) when the source is missing or shorter than ``valid``."""
     try:
-        os.link(source, path)
+        os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
     except FileNotFoundError:
         return False
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(name, os.O_WRONLY, dir_fd=dst_dir)
     try:
         if os.fstat(fd).st_size < valid:
-            os.unlink(path)
+            os.unlink(name, dir_fd=dst_dir)
             return False
         os.pwrite(fd, data, offset)
         os.ftruncate(fd, length)  # the block's padding, and bytes a crashed run appended beyond the end
