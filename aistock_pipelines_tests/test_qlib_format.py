@@ -56,7 +56,7 @@ def test_bins_extended_through_links_equal_fresh_bins(tmp_path, old_days):
 def test_stored_block_is_read_with_spare_rows_or_not_at_all(tmp_path):
     """``read_h5_block`` hands back the file's row-major block (in its dtype) with spare rows after the stored
     ones; a file in any other layout (here: two dtypes, so two blocks) gives None and the exporter merges."""
-    from aistock_pipelines.export.snapshot_writer import read_h5_block, write_h5
+    from aistock_pipelines.export.snapshot_writer import read_h5, read_h5_block, write_h5
 
     calendar = [date(2024, 1, 1) + timedelta(days=i) for i in range(30)]
     frame = panel(calendar, ["sh600000", "sz000001"], set())
@@ -69,6 +69,10 @@ def test_stored_block_is_read_with_spare_rows_or_not_at_all(tmp_path):
     mixed = frame.assign(volume=frame["volume"].astype(np.float32))
     write_h5(tmp_path / "b.h5", mixed)
     assert read_h5_block(tmp_path / "b.h5", 7) is None
+    # read_h5: the same frame as pandas reads, by either path
+    pd.testing.assert_frame_equal(read_h5(tmp_path / "a.h5"), pd.read_hdf(tmp_path / "a.h5", "data"),
+                                  check_exact=True, check_index_type=False)
+    pd.testing.assert_frame_equal(read_h5(tmp_path / "b.h5"), mixed, check_exact=True, check_index_type=False)
 
 
 def test_an_instrument_missing_a_current_bin_is_written_anew(tmp_path):
