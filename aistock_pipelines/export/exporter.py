@@ -289,8 +289,8 @@ class QlibDailyExporter:
         replaced = set(qlib_format.instrument_names(restated, options.instruments))
         ext = None if stored is None else frames.patch_sorted(*stored, delta, replaced, split)
         if ext is not None:
-            appended = int((delta.index.levels[0][delta.index.codes[0]] > split).sum())
-            return ext, len(ext) - appended, len(delta) - appended, "in place"
+            n_old = len(stored[1])
+            return ext, n_old, len(delta) - (len(ext) - n_old), "in place"  # delta's other rows overwrote stored ones
         return (*self._merged(snapshot_id, new_rows, history, restated, options), "merge")
 
     def _merged(self, snapshot_id: str, new_rows: pd.DataFrame | None, history: pd.DataFrame | None,

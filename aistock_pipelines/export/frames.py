@@ -144,13 +144,9 @@ def finish_in_place(block: np.ndarray, index: pd.MultiIndex, columns: list[str],
     c0, c1 = np.asarray(index.codes[0]), np.asarray(index.codes[1])
     ok = (block.dtype == np.float64 and block.flags.c_contiguous and block.flags.writeable
           and "close" in columns and "change" in columns
-          and index.levels[0].is_monotonic_increasing and index.levels[1].is_monotonic_increasing
           and bool(np.bincount(c0, minlength=len(index.levels[0])).all())
-          and bool(np.bincount(c1, minlength=len(index.levels[1])).all()))
-    if ok and len(c0) > 1:
-        key = c0.astype(np.int64) * max(len(index.levels[1]), 1) + c1
-        ok = bool(np.all(key[1:] > key[:-1]))
-        del key
+          and bool(np.bincount(c1, minlength=len(index.levels[1])).all())
+          and strictly_sorted(index))
     if not ok:
         return merge_sorted([(pd.DataFrame(block, index=index, columns=columns, copy=False), None)],
                             dtype=dtype, change=True)

@@ -218,7 +218,7 @@ class ReadSession:
                 ctes.append(f"r{part} AS (SELECT r.ts_code, {_weighted_sum(column, raw_type, True, rday, '')} AS s "
                             f"FROM {quote_table(m.raw_table)} r WHERE r.trade_date {parts[part].format(a='r')}{raw_universe} "
                             f"GROUP BY r.ts_code)")
-            joins = ("LEFT JOIN ro ON ro.ts_code = k.ts_code LEFT JOIN rn ON rn.ts_code = k.ts_code")
+            joins = "LEFT JOIN ro ON ro.ts_code = k.ts_code LEFT JOIN rn ON rn.ts_code = k.ts_code"
             raw_old, raw_all = "coalesce(ro.s, 0)", "coalesce(ro.s, 0) + coalesce(rn.s, 0)"
         else:
             joins = ""
