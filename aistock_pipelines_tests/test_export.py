@@ -283,12 +283,19 @@ def test_crash_mid_write_leaves_previous_snapshot_and_next_run_recovers(exported
         ex.export_incremental("demo")
     pd.testing.assert_frame_equal(read_h5(path), before, check_exact=True)
     assert json.loads((path / "meta.json").read_text())["export_id"] == result.export_id
+    previous = path.resolve()
     leftovers = list((path.parent / ".versions").iterdir())
     assert len(leftovers) == 2, "the half-written version is still there until the next run"
     monkeypatch.undo()
     after = ex.export_incremental("demo")
     assert after.mode == "incremental" and after.rows > result.rows
-    assert [p.name for p in (path.parent / ".versions").iterdir()] == [path.resolve().name]
+    # the crash leftover is gone; the version this export replaced stays (complete) until the next export
+    assert sorted(p.name for p in (path.parent / ".versions").iterdir()) == sorted([path.resolve().name, previous.name])
+    pd.testing.assert_frame_equal(read_h5(previous), before, check_exact=True)
+    replaced = path.resolve()
+    advance_market(create_db_engine(market_db), events=0)
+    ex.export_incremental("demo")  # the next writing export deletes the version the last one replaced
+    assert sorted(p.name for p in (path.parent / ".versions").iterdir()) == sorted([path.resolve().name, replaced.name])
 
 
 def test_a_second_writer_is_locked_out(exported):

@@ -127,7 +127,6 @@ class QlibDailyExporter:
         if if_exists not in ("overwrite", "refuse"):
             raise ValueError("if_exists must be 'overwrite' or 'refuse'")
         with self.writer.lock(snapshot_id):
-            self.writer.cleanup(snapshot_id)
             if self.writer.exists(snapshot_id) and if_exists == "refuse":
                 raise SnapshotError(f"snapshot {snapshot_id} exists; pass if_exists='overwrite' to replace it")
             return self._full(snapshot_id, start, end, ts_codes, options, mode="full")
@@ -138,7 +137,6 @@ class QlibDailyExporter:
         ``ts_codes``/``options``/``start`` default to the snapshot's declaration; differing values rebuild it."""
         check_snapshot_id(snapshot_id)
         with self.writer.lock(snapshot_id):
-            self.writer.cleanup(snapshot_id)
             meta = self.writer.read_meta(snapshot_id)
             if meta is None:
                 if start is None:

@@ -105,17 +105,37 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     if (used & ~found).any():
         raise ValueError(f"rows on days missing from the calendar: {list(level_dates[used & ~found][:3])}")
     pos = level_pos[index.codes[0]].astype(np.int64)
-    inst = np.asarray(index.codes[1], dtype=np.int64)
+    inst = np.asarray(index.codes[1], dtype=np.intp)
+    names = np.asarray(index.levels[1], dtype=object)
+    first = np.full(len(names), len(cal), dtype=np.int64)
+    last = np.full(len(names), -1, dtype=np.int64)
+    np.minimum.at(first, inst, pos)
+    np.maximum.at(last, inst, pos)
+    # Per instrument: extend the current version's files (their last position there), or write anew (-1).
+    # An extension needs only the rows from the block holding the current end on: ``cut`` is the first
+    # position each instrument needs, so the rows before it are never sorted (a one-day incremental at
+    # 5.6 M rows needs about a third of them).
+    old_last = np.full(len(names), -1, dtype=np.int64)
+    cut = np.zeros(len(names), dtype=np.int64)
+    for code in np.flatnonzero(last >= 0).tolist() if reuse is not None else []:
+        name = str(names[code])
+        span = None if name in reuse.rewrite else reuse.spans.get(name)
+        if span is not None and span[0] == first[code] and span[1] <= last[code]:
+            old_last[code] = span[1]
+            valid = 4 * (span[1] - span[0] + 2)
+            cut[code] = span[0] + max((valid - valid % _BLOCK) // 4, 1) - 1
+    rows = np.flatnonzero(pos >= cut[inst]) if cut.any() else np.arange(len(pos))
     # by instrument, then calendar position; rows in date order (every snapshot frame) need only a stable
     # sort by instrument — a radix sort of 16-bit codes, ≈ 10× faster than sorting the combined int64 keys
-    if len(pos) and bool(np.all(pos[1:] >= pos[:-1])) and inst.max(initial=0) < 2**15:
-        order = np.argsort(inst.astype(np.int16), kind="stable")
+    sub_inst, sub_pos = inst[rows], pos[rows]
+    if len(rows) and bool(np.all(sub_pos[1:] >= sub_pos[:-1])) and len(names) < 2**15:
+        order = rows[np.argsort(sub_inst.astype(np.int16), kind="stable")]
     else:
-        order = np.argsort(inst * (len(cal) + 1) + pos, kind="stable")
+        order = rows[np.argsort(sub_inst * (len(cal) + 1) + sub_pos, kind="stable")]
+    del sub_inst, sub_pos
     inst_sorted, pos_sorted = inst[order], pos[order]
     block = frame.to_numpy()  # the frame's own row-major block (float64 or float32): no copy
     take = [frame.columns.get_loc(f) for f in fields]
-    names = np.asarray(index.levels[1], dtype=object)
     boundaries = np.flatnonzero(inst_sorted[1:] != inst_sorted[:-1]) + 1
     starts = np.concatenate([[0], boundaries]).astype(np.int64).tolist()
     ends = np.concatenate([boundaries, [len(inst_sorted)]]).astype(np.int64).tolist()
@@ -131,18 +151,18 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
             pass
         return target
 
-    def write_fresh(a: int, b: int) -> None:
-        name = str(names[inst_sorted[a]])
-        target = folder(name)
-        p = pos_sorted[a:b]
+    def write_fresh(code: int, selected: np.ndarray) -> None:
+        """All bins of instrument ``code`` anew from its rows ``selected`` (frame rows, in position order)."""
+        target = folder(str(names[code]))
+        p = pos[selected]
         first, last = int(p[0]), int(p[-1])
         buf = np.full((len(files), last - first + 2), np.nan, dtype="<f4")
         buf[:, 0] = np.float32(first)
-        buf[:, 1 + (p - first)] = np.take(block, order[a:b], axis=0)[:, take].T  # float64 → float32 on assignment
+        buf[:, 1 + (p - first)] = np.take(block, selected, axis=0)[:, take].T  # float64 → float32 on assignment
         for i, file in enumerate(files):
             _write_bytes(f"{target}/{file}", buf[i].tobytes())
 
-    def extend(a: int, b: int, old_last: int) -> bool:
+    def extend(a: int, b: int, first: int, old_last: int) -> bool:
         """Link the current files and append this instrument's new days; False if any file cannot be
         reused (then the instrument is written anew — never through a link).
 
@@ -154,8 +174,8 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
         name = str(names[inst_sorted[a]])
         target = folder(name)
         source = os.path.join(str(reuse.features), name.lower())
-        p = pos_sorted[a:b]
-        first, last = int(p[0]), int(p[-1])
+        p = pos_sorted[a:b]  # the rows from the block holding the current end on
+        last = int(p[-1])
         valid, length = 4 * (old_last - first + 2), 4 * (last - first + 2)
         offset = valid - valid % _BLOCK  # element offset // 4 of the file; element e ≥ 1 is position first + e − 1
         size = -(-length // _BLOCK) * _BLOCK - offset
@@ -184,23 +204,26 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
 
     fresh, linked = [], []
     for a, b in zip(starts, ends):
-        span = None
-        if reuse is not None:
-            name = str(names[inst_sorted[a]])
-            if name not in reuse.rewrite:
-                span = reuse.spans.get(name)
-                if span is not None and not (span[0] == int(pos_sorted[a]) and span[1] <= int(pos_sorted[b - 1])):
-                    span = None
-        (fresh if span is None else linked).append((a, b) if span is None else (a, b, span[1]))
+        code = int(inst_sorted[a])
+        if old_last[code] < 0:
+            fresh.append((code, a, b))
+        else:
+            linked.append((code, a, b))
+
+    def all_rows(code: int) -> np.ndarray:
+        """Every row of ``code`` in position order (an extension that fell back: only its tail was sorted)."""
+        selected = np.flatnonzero(inst == code)
+        return selected[np.argsort(pos[selected], kind="stable")]
+
     # New files in a few threads (creating a file waits on the file system's journal, the GIL is free
     # meanwhile); links are cheap system calls made here at the same time (more threads only contend).
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending = [pool.submit(write_fresh, a, b) for a, b in fresh]
-        for a, b, old_last in linked:
-            if not extend(a, b, old_last):
-                pending.append(pool.submit(write_fresh, a, b))
+        pending = [pool.submit(write_fresh, code, order[a:b]) for code, a, b in fresh]
+        for code, a, b in linked:
+            if not extend(a, b, int(first[code]), int(old_last[code])):
+                pending.append(pool.submit(write_fresh, code, all_rows(code)))
         for f in pending:
             f.result()
     return (len(fresh) + len(linked)) * len(fields)
