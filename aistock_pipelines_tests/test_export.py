@@ -163,6 +163,7 @@ def test_restatement_then_incremental_equals_fresh_full_export(market_db, tmp_pa
     ex = make_exporter(market_db, tmp_path)
     options = SnapshotOptions(columns="dollar", instruments="qlib", dtype="float32")
     ex.export_full("inc", START, options=options)
+    folders = {d.name: d.stat().st_ino for d in (tmp_path / "inc" / "features").iterdir()}
     engine = create_db_engine(market_db)
     restated: set[str] = set()
     for _ in range(2):
@@ -178,11 +179,15 @@ def test_restatement_then_incremental_equals_fresh_full_export(market_db, tmp_pa
     pd.testing.assert_frame_equal(incremental, fresh, check_exact=True)
     assert list(fresh.columns[:4]) == ["$open", "$high", "$low", "$close"] and fresh["$close"].dtype == np.float32
     assert fresh.index.get_level_values("instrument")[0][:2] in ("SH", "SZ", "BJ")
-    # the bins follow the restatement too
-    code = qlib_format.to_qlib_symbol(sorted(restated)[0])
-    a = (tmp_path / "inc" / "features" / code.lower() / "close.day.bin").read_bytes()
-    b = (tmp_path / "fresh" / "features" / code.lower() / "close.day.bin").read_bytes()
-    assert a == b
+    # the bins follow the restatement too — every file byte for byte, though the second incremental export
+    # recycled the instrument folders of the version the first one replaced
+    inc_bins = {p.relative_to(tmp_path / "inc"): p.read_bytes() for p in (tmp_path / "inc" / "features").rglob("*.bin")}
+    fresh_bins = {p.relative_to(tmp_path / "fresh"): p.read_bytes() for p in (tmp_path / "fresh" / "features").rglob("*.bin")}
+    assert inc_bins == fresh_bins and any(qlib_format.to_qlib_symbol(c).lower() in str(p) for c in restated for p in inc_bins)
+    assert len(list((tmp_path / ".versions").glob("inc@*"))) == 2, "the current version and the one it replaced"
+    untouched = sorted(set(folders) - {qlib_format.to_qlib_symbol(c).lower() for c in restated})
+    assert all((tmp_path / "inc" / "features" / d).stat().st_ino == folders[d] for d in untouched), \
+        "the full export's folders, recycled by the second incremental export"
     engine.dispose()
 
 

@@ -96,3 +96,38 @@ def test_an_instrument_missing_a_current_bin_is_written_anew(tmp_path):
     # its close file may have been extended through the link before the missing volume file was found:
     # what the current version reads (its first 51 values) is unchanged either way
     assert (current / "sz000001" / "close.day.bin").read_bytes()[:len(before)] == before
+
+
+def test_recycled_folders_are_extended_where_they_are_and_never_write_into_other_inodes(tmp_path):
+    """A stale version's instrument folders are moved into the new version. A file there that is the
+    current version's inode is extended in place (no new link); a file that is not (the stale version had
+    other bytes, e.g. before a restatement) is replaced by a link, its inode untouched; a missing file is
+    linked; an instrument without a stale folder gets a new one. The result equals fresh bins, and what the
+    current version reads is unchanged."""
+    calendar = [date(2020, 1, 1) + timedelta(days=i) for i in range(60)]
+    names = ["sh600000", "sz000001", "sz000002"]
+    whole = panel(calendar, names, {(55, "sz000002")})
+    old = whole[whole.index.get_level_values(0) < pd.Timestamp(calendar[50])]
+    current, stale, fresh, extended = (tmp_path / d for d in ("current", "stale", "fresh", "extended"))
+    qlib_format.write_bins(current, old, calendar[:50], ["close", "volume"])
+    before = {p.relative_to(current): p.read_bytes() for p in current.rglob("*.bin")}
+    for name in ("sh600000", "sz000001"):  # the stale version shared the current inodes ...
+        (stale / name).mkdir(parents=True)
+        for file in ("close.day.bin", "volume.day.bin"):
+            os.link(current / name / file, stale / name / file)
+    other = stale / "sz000001" / "volume.day.bin"  # ... except one file with bytes of its own, one missing
+    other.unlink()
+    other.write_bytes(b"\x00" * 40)
+    (stale / "sh600000" / "close.day.bin").unlink()
+    kept = tmp_path / "kept"  # a second name for that inode: the folder holding ``other`` is moved
+    os.link(other, kept)
+    reuse = qlib_format.BinReuse(current, {n: (0, 49) for n in names}, rewrite=set(), recycle=stale)
+    assert qlib_format.write_bins(extended, whole, calendar, ["close", "volume"], reuse=reuse) == 6
+    qlib_format.write_bins(fresh, whole, calendar, ["close", "volume"])
+    assert not (stale / "sh600000").exists() and not (stale / "sz000001").exists(), "folders moved, not copied"
+    for rel in before:
+        assert (extended / rel).read_bytes() == (fresh / rel).read_bytes(), rel
+        assert os.stat(extended / rel).st_ino == os.stat(current / rel).st_ino, rel
+        assert (current / rel).read_bytes()[:len(before[rel])] == before[rel]
+    assert kept.read_bytes() == b"\x00" * 40 and os.stat(kept).st_nlink == 1, "never written into; unlinked"
+    assert sorted(p.name for p in (extended / "sz000001").iterdir()) == ["close.day.bin", "volume.day.bin"]

@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
@@ -242,12 +242,18 @@ class SnapshotWriter:
         named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)  # bins are named by field
         qlib_format.write_instruments(version / "instruments" / "all.txt", qlib_format.instrument_spans(named, calendar))
 
+        # An incremental export recycles the newest stale version's instrument folders (BinReuse.recycle);
+        # that version is deleted only once the bins are written, the others right away.
+        recycle = (max((p for p in stale if (p / "features").is_dir()), default=None)
+                   if rewrite is not None and options.qlib_bins else None)
+
         def bins() -> int:
             t = time.perf_counter()
             reuse = None
             if rewrite is not None:
                 reuse = self._bin_reuse(snapshot_id, calendar,
-                                        set(qlib_format.instrument_names(sorted(rewrite), options.instruments)))
+                                        set(qlib_format.instrument_names(sorted(rewrite), options.instruments)),
+                                        recycle)
             n = qlib_format.write_bins(version / "features", named, calendar, list(named.columns), reuse=reuse)
             timings["write_bins"] = time.perf_counter() - t
             return n
@@ -259,15 +265,19 @@ class SnapshotWriter:
         #
         # The versions this one supersedes are deleted by a third thread meanwhile (module docstring): the
         # HDF5 writes hold the GIL, so the writing keeps about one core busy, and unlinking is kernel work.
-        def clear() -> None:
+        def clear(after: Future | None) -> None:
             t = time.perf_counter()
             for p in stale:
-                _remove_tree(p, workers=1)
+                if p != recycle:
+                    _remove_tree(p, workers=1)
+            if recycle is not None:
+                wait([after] if after is not None else [])  # its folders are being moved meanwhile
+                _remove_tree(recycle, workers=1)
             timings["clear_versions"] = time.perf_counter() - t
 
         with ThreadPoolExecutor(2, thread_name_prefix="bins") as pool:
             n_bins = pool.submit(bins) if options.qlib_bins else None
-            cleared = pool.submit(clear)
+            cleared = pool.submit(clear, n_bins)
             t = time.perf_counter()
             write_h5(version / "daily_pv.h5", ext)
             timings["write_h5"] = time.perf_counter() - t
@@ -307,9 +317,11 @@ class SnapshotWriter:
         timings["swap"] = time.perf_counter() - t
         return self.path(snapshot_id), meta, timings
 
-    def _bin_reuse(self, snapshot_id: str, calendar: list[date], rewrite: set[str]) -> "qlib_format.BinReuse | None":
+    def _bin_reuse(self, snapshot_id: str, calendar: list[date], rewrite: set[str],
+                   recycle: Path | None) -> "qlib_format.BinReuse | None":
         """What the current version offers the next one: its bins and each instrument's calendar span, if
-        its calendar is a prefix of the new one (positions then mean the same days)."""
+        its calendar is a prefix of the new one (positions then mean the same days); and the folders of
+        ``recycle``, a stale version."""
         current = self.path(snapshot_id)
         if not (current.is_symlink() and (current / "features").is_dir()):
             return None
@@ -328,7 +340,8 @@ class SnapshotWriter:
             a, b = position.get(date.fromisoformat(first)), position.get(date.fromisoformat(last))
             if a is not None and b is not None:
                 spans[name] = (a, b)
-        return qlib_format.BinReuse(current / "features", spans, rewrite)
+        return qlib_format.BinReuse(current / "features", spans, rewrite,
+                                    recycle / "features" if recycle is not None else None)
 
     def _swap(self, snapshot_id: str, version: Path) -> None:
         link = self.path(snapshot_id)
