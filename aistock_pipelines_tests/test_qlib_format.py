@@ -131,3 +131,37 @@ def test_recycled_folders_are_extended_where_they_are_and_never_write_into_other
         assert (current / rel).read_bytes()[:len(before[rel])] == before[rel]
     assert kept.read_bytes() == b"\x00" * 40 and os.stat(kept).st_nlink == 1, "never written into; unlinked"
     assert sorted(p.name for p in (extended / "sz000001").iterdir()) == ["close.day.bin", "volume.day.bin"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_write_h5_equals_pandas_to_hdf(tmp_path, dtype):
+    """``write_h5`` writes the values through HDF5 directly (the GIL released); the file must read back
+    exactly as ``to_hdf``'s, with the same nodes and pandas attributes — a pandas or PyTables upgrade that
+    changes the layout fails here. Mixed dtypes and empty frames go through ``to_hdf`` itself."""
+    import tables
+
+    from aistock_pipelines.export import snapshot_writer
+    from aistock_pipelines.export.snapshot_writer import write_h5
+
+    assert snapshot_writer._H5DWRITE is not None, "the HDF5 library behind PyTables was not found"
+    calendar = [date(2024, 1, 1) + timedelta(days=i) for i in range(40)]
+    frame = panel(calendar, ["sh600000", "sz000001", "sz000002"], {(3, "sz000001")}).astype(dtype)
+    frame.iloc[5, 1] = np.nan
+    write_h5(tmp_path / "direct.h5", frame)
+    frame.to_hdf(tmp_path / "pandas.h5", key="data", mode="w", format="fixed")
+    got = pd.read_hdf(tmp_path / "direct.h5", "data")
+    pd.testing.assert_frame_equal(got, frame, check_exact=True, check_index_type=False)
+    pd.testing.assert_frame_equal(got, pd.read_hdf(tmp_path / "pandas.h5", "data"), check_exact=True)
+
+    def layout(path):
+        with tables.open_file(path) as f:
+            return {n._v_pathname: (type(n).__name__, getattr(n, "shape", None), str(getattr(n, "dtype", "")),
+                                    {k: str(n._v_attrs[k]) for k in n._v_attrs._v_attrnamesuser})
+                    for n in f.walk_nodes("/")}
+    assert layout(tmp_path / "direct.h5") == layout(tmp_path / "pandas.h5")
+    mixed = frame.assign(volume=frame["volume"].astype(np.float64 if dtype == np.float32 else np.float32))
+    write_h5(tmp_path / "mixed.h5", mixed)
+    pd.testing.assert_frame_equal(pd.read_hdf(tmp_path / "mixed.h5", "data"), mixed, check_exact=True,
+                                  check_index_type=False)
+    write_h5(tmp_path / "empty.h5", frame.iloc[:0])
+    assert len(pd.read_hdf(tmp_path / "empty.h5", "data")) == 0

@@ -114,8 +114,9 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     names = np.asarray(index.levels[1], dtype=object)
     first = np.full(len(names), len(cal), dtype=np.int64)
     last = np.full(len(names), -1, dtype=np.int64)
-    np.minimum.at(first, inst, pos)
-    np.maximum.at(last, inst, pos)
+    if reuse is not None:  # (only extensions need each instrument's span up front)
+        np.minimum.at(first, inst, pos)
+        np.maximum.at(last, inst, pos)
     # Per instrument: extend the current version's files (their last position there), or write anew (-1).
     # An extension needs only the rows from the block holding the current end on: ``cut`` is the first
     # position each instrument needs, so the rows before it are never sorted (a one-day incremental at
@@ -129,14 +130,16 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
             old_last[code] = span[1]
             valid = 4 * (span[1] - span[0] + 2)
             cut[code] = span[0] + max((valid - valid % _BLOCK) // 4, 1) - 1
-    rows = np.flatnonzero(pos >= cut[inst]) if cut.any() else np.arange(len(pos))
+    rows = np.flatnonzero(pos >= cut[inst]) if cut.any() else None  # None: all rows
     # by instrument, then calendar position; rows in date order (every snapshot frame) need only a stable
     # sort by instrument — a radix sort of 16-bit codes, ≈ 10× faster than sorting the combined int64 keys
-    sub_inst, sub_pos = inst[rows], pos[rows]
-    if len(rows) and bool(np.all(sub_pos[1:] >= sub_pos[:-1])) and len(names) < 2**15:
-        order = rows[np.argsort(sub_inst.astype(np.int16), kind="stable")]
+    sub_inst, sub_pos = (inst, pos) if rows is None else (inst[rows], pos[rows])
+    if len(sub_pos) and bool(np.all(sub_pos[1:] >= sub_pos[:-1])) and len(names) < 2**15:
+        order = np.argsort(sub_inst.astype(np.int16), kind="stable")
     else:
-        order = rows[np.argsort(sub_inst * (len(cal) + 1) + sub_pos, kind="stable")]
+        order = np.argsort(sub_inst * (len(cal) + 1) + sub_pos, kind="stable")
+    if rows is not None:
+        order = rows[order]
     del sub_inst, sub_pos
     inst_sorted, pos_sorted = inst[order], pos[order]
     block = frame.to_numpy()  # the frame's own row-major block (float64 or float32): no copy
