@@ -21,7 +21,8 @@ def frame(days: list[str], names: list[str], skip: set[tuple[str, str]] = frozen
 
 def test_patch_overwrites_restated_rows_appends_new_days_and_equals_a_merge():
     days, names = ["2024-01-02", "2024-01-03", "2024-01-04"], ["a", "b", "c"]
-    stored = frames.merge_sorted([(frame(days, names, {("2024-01-03", "b")}), None)], change=True)
+    # "c" is suspended on the last stored day: its new row divides by its close of the day before
+    stored = frames.merge_sorted([(frame(days, names, {("2024-01-03", "b"), ("2024-01-04", "c")}), None)], change=True)
     new_day = frame(days + ["2024-01-05"], names + ["d"])
     new_day = new_day[new_day.index.get_level_values(0) == pd.Timestamp("2024-01-05")]
     history = frame(days + ["2024-01-05"], ["b"], {("2024-01-03", "b")}, scale=0.9)  # "b" restated
@@ -32,6 +33,8 @@ def test_patch_overwrites_restated_rows_appends_new_days_and_equals_a_merge():
     want = frames.merge_sorted([(stored, stored.index.get_level_values(1) != "b"), (delta, None)], change=True)
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     assert np.shares_memory(got.to_numpy(), block), "patched in place"
+    assert got.loc[("2024-01-05", "c"), "change"] == (10 + 3 + 1.0) / (10 + 1 + 1.0) - 1
+    assert np.isnan(got.loc[("2024-01-05", "d"), "change"]) and np.isnan(got.loc[("2024-01-02", "b"), "change"])
 
 
 def test_patch_refuses_changed_days_and_leaves_the_block_untouched():

@@ -169,8 +169,9 @@ def patch_sorted(block: np.ndarray, index: pd.MultiIndex, columns: list[str], de
     instruments' whole histories and every other instrument's rows after ``split``. The replaced
     instruments' stored rows are overwritten where ``delta`` has exactly the same (datetime, instrument)
     keys — what a qfq restatement changes is values, not days — and delta's rows after ``split`` are
-    appended (they sort after every stored row). ``change`` is then recomputed over the whole block
-    (:func:`_change_into`, from the block's own rounded closes, as a full export computes it).
+    appended (they sort after every stored row). ``change`` is then recomputed where it can differ — the
+    replaced instruments' rows and the appended ones (:func:`_change_into`, from the block's own rounded
+    closes, as a full export computes it); every other stored row keeps the value it was exported with.
 
     Returns the frame (a view of ``block``), or None — ``block`` untouched — when the keys differ (a day
     added to or removed from a replaced history, a replaced instrument gone) or the spare rows do not
@@ -202,8 +203,15 @@ def patch_sorted(block: np.ndarray, index: pd.MultiIndex, columns: list[str], de
     codes0 = np.concatenate([c0, len(dates) + np.searchsorted(new_dates, row_dates[before:])])
     codes1 = np.concatenate([old_no[c1], delta_no[d_c1[before:]]])
     out = block[:n + k]
+    # ``change`` differs from the stored one only in the replaced instruments' rows and the appended ones;
+    # an appended row of any other instrument divides by that instrument's last stored close.
+    replaced_no = old_no[np.flatnonzero(np.isin(names, np.asarray(list(replaced), dtype=object)))]
+    last_row = np.full(len(all_names), -1, dtype=np.int64)
+    np.maximum.at(last_row, codes1[:n], np.arange(n, dtype=np.int64))
+    last_row[replaced_no] = -1
+    rows = np.concatenate([stored, np.arange(n, n + k)])
     at = {c: j for j, c in enumerate(columns)}
-    _change_into(out, at[_close_name(columns)], at[_close_name(columns, "change")], codes1)
+    _change_into(out, at[_close_name(columns)], at[_close_name(columns, "change")], codes1[rows], rows, last_row)
     return pd.DataFrame(out, index=make_index(all_dates, codes0, all_names, codes1), columns=columns, copy=False)
 
 
@@ -212,24 +220,35 @@ def _close_name(columns: list[str], name: str = "close") -> str:
     return name if name in columns else f"${name}"
 
 
-def _change_into(block: np.ndarray, j_close: int, j_change: int, inst_codes: np.ndarray) -> None:
+def _change_into(block: np.ndarray, j_close: int, j_change: int, inst_codes: np.ndarray,
+                 rows: np.ndarray | None = None, before: np.ndarray | None = None) -> None:
     """``change`` of a frame sorted by (datetime, instrument), computed in place: rows grouped by instrument
     with a stable sort keep their date order, so the previous row of a group is the previous close. The
     arithmetic is float64 whatever the block's dtype (a float32 block's closes are the rounded values a
-    full export divides)."""
-    n = block.shape[0]
+    full export divides).
+
+    ``rows`` (ascending; default all) limits it to those rows, ``inst_codes`` being theirs: an incremental
+    export recomputes only the restated instruments' rows and the appended ones. Then ``before[code]`` is
+    the row holding the close before an instrument's first row in ``rows`` (-1: none, NaN)."""
+    n = len(inst_codes)
     if n == 0:
         return
     small = inst_codes.astype(np.int16) if inst_codes.max(initial=0) < 2**15 else inst_codes
     order = np.argsort(small, kind="stable")  # radix sort for int16 codes
-    close = block[:, j_close][order].astype(np.float64, copy=False)
+    at = order if rows is None else rows[order]
+    close = block[at, j_close].astype(np.float64, copy=False)
     prev = np.empty(n, dtype=np.float64)
-    prev[0] = np.nan
-    same = inst_codes[order][1:] == inst_codes[order][:-1]
-    prev[1:] = np.where(same, close[:-1], np.nan)
+    codes = inst_codes[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = codes[1:] != codes[:-1]
+    prev[1:] = close[:-1]
+    prev[first] = np.nan
+    if before is not None:
+        earlier = before[codes[first]]
+        prev[first] = np.where(earlier >= 0, block[np.maximum(earlier, 0), j_close].astype(np.float64), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         change = close / prev - 1.0
-    block[order, j_change] = change
+    block[at, j_change] = change
 
 
 def relabel(frame: pd.DataFrame, rename: Callable[[np.ndarray], np.ndarray], columns: list[str], dtype: str,
