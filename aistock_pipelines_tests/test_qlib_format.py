@@ -133,8 +133,9 @@ def test_recycled_folders_are_extended_where_they_are_and_never_write_into_other
     assert sorted(p.name for p in (extended / "sz000001").iterdir()) == ["close.day.bin", "volume.day.bin"]
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["ctypes", "pytables"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_write_h5_equals_pandas_to_hdf(tmp_path, dtype):
+def test_write_h5_equals_pandas_to_hdf(tmp_path, monkeypatch, dtype, direct):
     """``write_h5`` writes the values through HDF5 directly (the GIL released); the file must read back
     exactly as ``to_hdf``'s, with the same nodes and pandas attributes — a pandas or PyTables upgrade that
     changes the layout fails here. Mixed dtypes and empty frames go through ``to_hdf`` itself."""
@@ -143,7 +144,9 @@ def test_write_h5_equals_pandas_to_hdf(tmp_path, dtype):
     from aistock_pipelines.export import snapshot_writer
     from aistock_pipelines.export.snapshot_writer import write_h5
 
-    assert snapshot_writer._H5DWRITE is not None, "the HDF5 library behind PyTables was not found"
+    assert snapshot_writer._HDF5 is not None, "the HDF5 library behind PyTables was not found"
+    if not direct:  # the fallback when it is not: PyTables/pandas alone
+        monkeypatch.setattr(snapshot_writer, "_HDF5", None)
     calendar = [date(2024, 1, 1) + timedelta(days=i) for i in range(40)]
     frame = panel(calendar, ["sh600000", "sz000001", "sz000002"], {(3, "sz000001")}).astype(dtype)
     frame.iloc[5, 1] = np.nan
@@ -159,6 +162,9 @@ def test_write_h5_equals_pandas_to_hdf(tmp_path, dtype):
                                     {k: str(n._v_attrs[k]) for k in n._v_attrs._v_attrnamesuser})
                     for n in f.walk_nodes("/")}
     assert layout(tmp_path / "direct.h5") == layout(tmp_path / "pandas.h5")
+    block, index, _ = snapshot_writer.read_h5_block(tmp_path / "direct.h5", 3)
+    np.testing.assert_array_equal(block[:len(frame)], frame.to_numpy())
+    assert block.shape == (len(frame) + 3, 2) and index.equals(frame.index)
     mixed = frame.assign(volume=frame["volume"].astype(np.float64 if dtype == np.float32 else np.float32))
     write_h5(tmp_path / "mixed.h5", mixed)
     pd.testing.assert_frame_equal(pd.read_hdf(tmp_path / "mixed.h5", "data"), mixed, check_exact=True,

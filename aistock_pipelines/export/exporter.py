@@ -231,12 +231,14 @@ class QlibDailyExporter:
             new_end, days = self._effective_end(s, start, max(end or prev_end, prev_end) if end else None)
             new_end = max(new_end, prev_end)
             days = [d for d in days if d <= new_end]
+            # The stored block is read (with a spare row per new bar; too few only means a merge) by a second
+            # thread while this one reads the new days and the server computes the fingerprints: both
+            # threads wait on I/O with the GIL released (HDF5 is called without it, see snapshot_writer).
             t = time.perf_counter()
+            n_new = s.count_bars(prev_end, new_end, universe) if new_end > prev_end else 0
+            stored = pool.submit(read_stored, n_new) if n_new else None
             new_rows = s.load_daily(universe, prev_end + timedelta(days=1), new_end) if new_end > prev_end else None
             read_s = time.perf_counter() - t
-            # The stored block is read (with a spare row per new row) by a second thread while the server
-            # computes the fingerprints: the client waits on the server there, the GIL free.
-            stored = pool.submit(read_stored, len(new_rows)) if new_rows is not None and len(new_rows) else None
             t = time.perf_counter()
             sums = s.checksums(start, prev_end, new_end, universe)
             check_s = time.perf_counter() - t

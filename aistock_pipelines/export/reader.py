@@ -136,6 +136,14 @@ class ReadSession:
             return "", ()
         return f" AND {alias}.ts_code = ANY(string_to_array(${param_no}, ','))", (",".join(check_codes(ts_codes)),)
 
+    def count_bars(self, after: date, end: date, ts_codes: list[str] | None) -> int:
+        """Bars in (after, end] — an index range count (the exporter sizes the stored block's spare rows)."""
+        m = self.resolved.mapping
+        universe, uparams = self._universe_clause(ts_codes, 3)
+        t = self._arrow(f"SELECT count(*) FROM {quote_table(m.bars_table)} b "
+                        f"WHERE b.trade_date > $1 AND b.trade_date <= $2{universe}", (after, end, *uparams))
+        return int(t.column(0)[0].as_py())
+
     def trading_days(self, start: date, end: date) -> list[date]:
         m = self.resolved.mapping
         t = self._arrow(f"SELECT cal_date FROM {quote_table(m.calendar_table)} "

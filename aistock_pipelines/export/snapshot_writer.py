@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -129,7 +130,7 @@ def write_h5(path: Path, frame: pd.DataFrame) -> None:
     The file reads back equal to ``to_hdf``'s (tested); any other frame goes through ``to_hdf``."""
     one_dtype = len(frame) > 0 and len(set(frame.dtypes)) == 1 and frame.dtypes.iloc[0] in (np.float32, np.float64)
     block = np.ascontiguousarray(frame.to_numpy()) if one_dtype else None  # the frame's block: no copy
-    if block is None or _H5DWRITE is None:
+    if block is None or _HDF5 is None:
         frame.to_hdf(path, key=H5_KEY, mode="w", format="fixed")
         return
     import tables
@@ -142,42 +143,59 @@ def write_h5(path: Path, frame: pd.DataFrame) -> None:
         if tuple(node.shape) != block.shape or node.dtype != block.dtype or not node.attrs.transposed:
             raise SnapshotError(f"{path}: pandas laid out the values unlike a row-major block "
                                 f"({node.shape}, {node.dtype}); please report this pandas/PyTables version")
-        _H5DWRITE(node._v_objectid, block)
+        _HDF5.write(node._v_objectid, block)
 
 
-def _h5dwrite():
-    """``H5Dwrite`` of the HDF5 library PyTables is linked with (resolved through PyTables' own extension
-    module, so it is the same library and the same open identifiers), as ``write(dataset_id, block)``;
-    None if it cannot be found (then :func:`write_h5` uses ``to_hdf`` alone)."""
-    import ctypes
+class _Hdf5Values:
+    """``H5Dwrite``/``H5Dread`` of a whole dataset, from the HDF5 library PyTables is linked with (resolved
+    through PyTables' own extension module: the same library, the same open identifiers), called through
+    ctypes, which releases the GIL for the call. The memory type is the dataset's own type, so a C-contiguous
+    block of the dataset's native dtype is transferred byte for byte. HDF5 itself is used by one thread at a
+    time here (the exporter's threads never touch a file together)."""
 
-    try:
+    def __init__(self) -> None:
+        import ctypes
+
         import tables.hdf5extension
 
         lib = ctypes.CDLL(tables.hdf5extension.__file__)
-        h5dwrite, get_type, close_type = lib.H5Dwrite, lib.H5Dget_type, lib.H5Tclose
-    except (ImportError, OSError, AttributeError):
-        return None
-    hid = ctypes.c_int64
-    h5dwrite.restype, h5dwrite.argtypes = ctypes.c_int, [hid, hid, hid, hid, hid, ctypes.c_void_p]
-    get_type.restype, get_type.argtypes = hid, [hid]
-    close_type.restype, close_type.argtypes = ctypes.c_int, [hid]
-    all_, default = 0, 0  # H5S_ALL, H5P_DEFAULT
+        hid = ctypes.c_int64
+        self._write, self._read = lib.H5Dwrite, lib.H5Dread
+        for f in (self._write, self._read):
+            f.restype, f.argtypes = ctypes.c_int, [hid, hid, hid, hid, hid, ctypes.c_void_p]
+        self._get_type, self._close_type = lib.H5Dget_type, lib.H5Tclose
+        self._get_type.restype, self._get_type.argtypes = hid, [hid]
+        self._close_type.restype, self._close_type.argtypes = ctypes.c_int, [hid]
 
-    def write(dataset: int, block: np.ndarray) -> None:
-        file_type = get_type(dataset)  # the dataset's own (little-endian IEEE) type: the block's bytes as they are
+    def write(self, dataset: int, block: np.ndarray) -> None:
+        self._call(self._write, "H5Dwrite", dataset, block)
+
+    def read(self, dataset: int, block: np.ndarray) -> None:
+        if not (block.flags.c_contiguous and block.flags.writeable):
+            raise ValueError("HDF5 reads into a writable C-contiguous block")
+        self._call(self._read, "H5Dread", dataset, block)
+
+    def _call(self, fn, name: str, dataset: int, block: np.ndarray) -> None:
+        file_type = self._get_type(dataset)
         if file_type < 0:
             raise SnapshotError("HDF5: cannot read the values dataset's type")
         try:
-            if h5dwrite(dataset, file_type, all_, all_, default, block.ctypes.data) < 0:
-                raise SnapshotError("HDF5: writing the values dataset failed (H5Dwrite)")
+            all_, default = 0, 0  # H5S_ALL, H5P_DEFAULT
+            if fn(dataset, file_type, all_, all_, default, block.ctypes.data) < 0:
+                raise SnapshotError(f"HDF5: {name} of the values dataset failed")
         finally:
-            close_type(file_type)
-
-    return write
+            self._close_type(file_type)
 
 
-_H5DWRITE = _h5dwrite()
+def _hdf5_values() -> _Hdf5Values | None:
+    """None if PyTables' HDF5 library cannot be reached (then PyTables does the transfers, GIL held)."""
+    try:
+        return _Hdf5Values()
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_HDF5 = _hdf5_values()
 
 
 def read_h5(path: Path) -> pd.DataFrame:
@@ -212,7 +230,10 @@ def read_h5_block(path: Path, spare_rows: int) -> tuple[np.ndarray, pd.MultiInde
                 or tuple(node.shape) != (len(index), len(items)) or node.dtype not in (np.float32, np.float64)):
             return None
         block = np.empty((len(index) + spare_rows, len(items)), dtype=node.dtype)
-        node.read(out=block[:len(index)])
+        if _HDF5 is not None and len(index) and node.byteorder == sys.byteorder:
+            _HDF5.read(node._v_objectid, block[:len(index)])  # without the GIL (write_h5)
+        else:
+            node.read(out=block[:len(index)])
     return block, index, [str(c) for c in items]
 
 
