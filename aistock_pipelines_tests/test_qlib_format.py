@@ -171,3 +171,28 @@ def test_write_h5_equals_pandas_to_hdf(tmp_path, monkeypatch, dtype, direct):
                                   check_index_type=False)
     write_h5(tmp_path / "empty.h5", frame.iloc[:0])
     assert len(pd.read_hdf(tmp_path / "empty.h5", "data")) == 0
+
+
+def test_stored_block_mapped_copy_on_write_never_changes_the_file(tmp_path):
+    """``read_h5_block`` maps the stored values copy-on-write (Linux): the block equals the file's values,
+    its spare rows are writable, and writing anywhere in it leaves the file byte for byte as it was."""
+    from aistock_pipelines.export import h5_values
+    from aistock_pipelines.export.snapshot_writer import read_h5_block, write_h5
+
+    calendar = [date(2024, 1, 1) + timedelta(days=i) for i in range(700)]  # > 1 page of rows, an odd offset
+    frame = panel(calendar, ["sh600000", "sz000001", "sz000002"], {(9, "sz000002")})
+    write_h5(tmp_path / "a.h5", frame)
+    before = (tmp_path / "a.h5").read_bytes()
+    import tables
+    with tables.open_file(tmp_path / "a.h5") as f:
+        offset = h5_values.HDF5.offset(f.root.data.block0_values._v_objectid)
+    mapped = h5_values.map_values(tmp_path / "a.h5", offset, np.float64, len(frame), (len(frame) + 5, 2))
+    assert mapped is not None and offset % 4096 != 0
+    block, index, _ = read_h5_block(tmp_path / "a.h5", 5)
+    for got in (mapped, block):
+        np.testing.assert_array_equal(got[:len(frame)], frame.to_numpy())
+        got[:] = -7.0  # stored rows and spare rows alike
+        assert (got == -7.0).all()
+    assert (tmp_path / "a.h5").read_bytes() == before
+    pd.testing.assert_frame_equal(pd.read_hdf(tmp_path / "a.h5", "data"), frame, check_exact=True, check_index_type=False)
+    assert h5_values.map_values(tmp_path / "a.h5", offset, np.float64, len(frame) + 1, (len(frame) + 5, 2)) is None

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from aistock_pipelines.export import frames, qlib_format
+from aistock_pipelines.export.h5_values import HDF5 as _HDF5, map_values
 
 SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 H5_KEY = "data"
@@ -146,56 +147,6 @@ def write_h5(path: Path, frame: pd.DataFrame) -> None:
         _HDF5.write(node._v_objectid, block)
 
 
-class _Hdf5Values:
-    """``H5Dwrite``/``H5Dread`` of a whole dataset, from the HDF5 library PyTables is linked with (resolved
-    through PyTables' own extension module: the same library, the same open identifiers), called through
-    ctypes, which releases the GIL for the call. The memory type is the dataset's own type, so a C-contiguous
-    block of the dataset's native dtype is transferred byte for byte. HDF5 itself is used by one thread at a
-    time here (the exporter's threads never touch a file together)."""
-
-    def __init__(self) -> None:
-        import ctypes
-
-        import tables.hdf5extension
-
-        lib = ctypes.CDLL(tables.hdf5extension.__file__)
-        hid = ctypes.c_int64
-        self._write, self._read = lib.H5Dwrite, lib.H5Dread
-        for f in (self._write, self._read):
-            f.restype, f.argtypes = ctypes.c_int, [hid, hid, hid, hid, hid, ctypes.c_void_p]
-        self._get_type, self._close_type = lib.H5Dget_type, lib.H5Tclose
-        self._get_type.restype, self._get_type.argtypes = hid, [hid]
-        self._close_type.restype, self._close_type.argtypes = ctypes.c_int, [hid]
-
-    def write(self, dataset: int, block: np.ndarray) -> None:
-        self._call(self._write, "H5Dwrite", dataset, block)
-
-    def read(self, dataset: int, block: np.ndarray) -> None:
-        if not (block.flags.c_contiguous and block.flags.writeable):
-            raise ValueError("HDF5 reads into a writable C-contiguous block")
-        self._call(self._read, "H5Dread", dataset, block)
-
-    def _call(self, fn, name: str, dataset: int, block: np.ndarray) -> None:
-        file_type = self._get_type(dataset)
-        if file_type < 0:
-            raise SnapshotError("HDF5: cannot read the values dataset's type")
-        try:
-            all_, default = 0, 0  # H5S_ALL, H5P_DEFAULT
-            if fn(dataset, file_type, all_, all_, default, block.ctypes.data) < 0:
-                raise SnapshotError(f"HDF5: {name} of the values dataset failed")
-        finally:
-            self._close_type(file_type)
-
-
-def _hdf5_values() -> _Hdf5Values | None:
-    """None if PyTables' HDF5 library cannot be reached (then PyTables does the transfers, GIL held)."""
-    try:
-        return _Hdf5Values()
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-_HDF5 = _hdf5_values()
 
 
 def read_h5(path: Path) -> pd.DataFrame:
@@ -216,7 +167,12 @@ def read_h5(path: Path) -> pd.DataFrame:
 def read_h5_block(path: Path, spare_rows: int) -> tuple[np.ndarray, pd.MultiIndex, list[str]] | None:
     """The stored frame's parts as :func:`write_h5` lays them out — a row-major block in the file's dtype
     with ``spare_rows`` more rows after the stored ones, the index, the column names — read straight into
-    that block (no second copy), for :func:`frames.patch_sorted`. None for any other layout."""
+    that block (no second copy), for :func:`frames.patch_sorted`. None for any other layout.
+
+    Where it can (Linux, a contiguous dataset in native byte order), the block is not read at all but
+    mapped copy-on-write from the file (:func:`h5_values.map_values`): the stored rows are the file's page
+    cache, and only pages the caller writes (restated rows, ``change``) and the spare rows take memory of
+    their own. Writing to the block never changes the file."""
     import tables
 
     with pd.HDFStore(path, mode="r") as store:
@@ -229,11 +185,15 @@ def read_h5_block(path: Path, spare_rows: int) -> tuple[np.ndarray, pd.MultiInde
                 or not isinstance(node, tables.Array) or not getattr(node.attrs, "transposed", False)
                 or tuple(node.shape) != (len(index), len(items)) or node.dtype not in (np.float32, np.float64)):
             return None
-        block = np.empty((len(index) + spare_rows, len(items)), dtype=node.dtype)
-        if _HDF5 is not None and len(index) and node.byteorder == sys.byteorder:
-            _HDF5.read(node._v_objectid, block[:len(index)])  # without the GIL (write_h5)
-        else:
-            node.read(out=block[:len(index)])
+        shape = (len(index) + spare_rows, len(items))
+        native = node.byteorder == sys.byteorder and _HDF5 is not None and len(index) > 0
+        block = map_values(path, _HDF5.offset(node._v_objectid), node.dtype, len(index), shape) if native else None
+        if block is None:
+            block = np.empty(shape, dtype=node.dtype)
+            if native:
+                _HDF5.read(node._v_objectid, block[:len(index)])  # without the GIL (write_h5)
+            else:
+                node.read(out=block[:len(index)])
     return block, index, [str(c) for c in items]
 
 
