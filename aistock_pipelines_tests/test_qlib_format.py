@@ -179,7 +179,7 @@ def test_stored_block_mapped_copy_on_write_never_changes_the_file(tmp_path):
     from aistock_pipelines.export import h5_values
     from aistock_pipelines.export.snapshot_writer import read_h5_block, write_h5
 
-    calendar = [date(2024, 1, 1) + timedelta(days=i) for i in range(700)]  # > 1 page of rows, an odd offset
+    calendar = [date(2024, 1, 1) + timedelta(days=i) for i in range(701)]  # > 1 page of rows, an odd row count
     frame = panel(calendar, ["sh600000", "sz000001", "sz000002"], {(9, "sz000002")})
     write_h5(tmp_path / "a.h5", frame)
     before = (tmp_path / "a.h5").read_bytes()
@@ -187,7 +187,7 @@ def test_stored_block_mapped_copy_on_write_never_changes_the_file(tmp_path):
     with tables.open_file(tmp_path / "a.h5") as f:
         offset = h5_values.HDF5.offset(f.root.data.block0_values._v_objectid)
     mapped = h5_values.map_values(tmp_path / "a.h5", offset, np.float64, len(frame), (len(frame) + 5, 2))
-    assert mapped is not None and offset % 4096 != 0
+    assert mapped is not None and offset % 4096 == 0, "write_h5 places the values at a page boundary"
     block, index, _ = read_h5_block(tmp_path / "a.h5", 5)
     for got in (mapped, block):
         np.testing.assert_array_equal(got[:len(frame)], frame.to_numpy())
@@ -196,3 +196,9 @@ def test_stored_block_mapped_copy_on_write_never_changes_the_file(tmp_path):
     assert (tmp_path / "a.h5").read_bytes() == before
     pd.testing.assert_frame_equal(pd.read_hdf(tmp_path / "a.h5", "data"), frame, check_exact=True, check_index_type=False)
     assert h5_values.map_values(tmp_path / "a.h5", offset, np.float64, len(frame) + 1, (len(frame) + 5, 2)) is None
+    assert h5_values.map_values(tmp_path / "a.h5", offset + 4, np.float64, len(frame) - 1, (len(frame), 2)) is None, \
+        "never an unaligned block (numpy would copy all of it in take)"
+    # a file pandas wrote (values wherever they fall) is read, equal
+    frame.to_hdf(tmp_path / "b.h5", key="data", mode="w", format="fixed")
+    block, _, _ = read_h5_block(tmp_path / "b.h5", 0)
+    np.testing.assert_array_equal(block, frame.to_numpy())

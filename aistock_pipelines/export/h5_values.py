@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 _MAP_FIXED = 0x10  # Linux (mmap(2)); Python's mmap module does not export it
+_MADV_POPULATE_READ = 22  # Linux ≥ 5.14 (madvise(2))
 _HADDR_UNDEF = 2**64 - 1
 
 
@@ -40,8 +41,49 @@ class Hdf5Values:
         self._close_type.restype, self._close_type.argtypes = ctypes.c_int, [hid]
         self._offset.restype, self._offset.argtypes = ctypes.c_uint64, [hid]
 
+        self._pcreate, self._set_alignment, self._pclose = lib.H5Pcreate, lib.H5Pset_alignment, lib.H5Pclose
+        self._pcreate.restype, self._pcreate.argtypes = hid, [hid]
+        self._set_alignment.restype = ctypes.c_int
+        self._set_alignment.argtypes = [hid, ctypes.c_uint64, ctypes.c_uint64]
+        self._pclose.restype, self._pclose.argtypes = ctypes.c_int, [hid]
+        self._fopen, self._fclose = lib.H5Fopen, lib.H5Fclose
+        self._fopen.restype, self._fopen.argtypes = hid, [ctypes.c_char_p, ctypes.c_uint, hid]
+        self._fclose.restype, self._fclose.argtypes = ctypes.c_int, [hid]
+        self._dopen, self._dclose = lib.H5Dopen2, lib.H5Dclose
+        self._dopen.restype, self._dopen.argtypes = hid, [hid, ctypes.c_char_p, hid]
+        self._dclose.restype, self._dclose.argtypes = ctypes.c_int, [hid]
+        self._file_access = ctypes.c_int64.in_dll(lib, "H5P_CLS_FILE_ACCESS_ID_g")
+
     def write(self, dataset: int, block: np.ndarray) -> None:
         self._call(self._write, "H5Dwrite", dataset, block)
+
+    def write_aligned(self, path: Path, name: str, block: np.ndarray, alignment: int = mmap.PAGESIZE) -> None:
+        """Write the whole of dataset ``name`` of a closed file whose storage is not allocated yet, placing
+        that storage at a multiple of ``alignment`` (HDF5's ``H5Pset_alignment``, a property of how the file
+        is opened — PyTables offers no way to set it): a block mapped from the file later is then aligned
+        for numpy."""
+        fapl = self._pcreate(self._file_access.value)
+        if fapl < 0:
+            raise OSError("HDF5: cannot create a file access property list")
+        try:
+            if self._set_alignment(fapl, 1, alignment) < 0:
+                raise OSError("HDF5: H5Pset_alignment failed")
+            f = self._fopen(str(path).encode(), 0x0001, fapl)  # H5F_ACC_RDWR
+            if f < 0:
+                raise OSError(f"HDF5: cannot open {path} for writing")
+            try:
+                d = self._dopen(f, name.encode(), 0)
+                if d < 0:
+                    raise OSError(f"HDF5: no dataset {name} in {path}")
+                try:
+                    self.write(d, block)
+                finally:
+                    self._dclose(d)
+            finally:
+                if self._fclose(f) < 0:
+                    raise OSError(f"HDF5: closing {path} failed")
+        finally:
+            self._pclose(fapl)
 
     def read(self, dataset: int, block: np.ndarray) -> None:
         if not (block.flags.c_contiguous and block.flags.writeable):
@@ -85,9 +127,9 @@ def map_values(path: Path, offset: int | None, dtype: np.dtype, stored: int, sha
 
     The file must not shrink while the block lives (access past its end would fault): a snapshot version's
     ``daily_pv.h5`` is never modified, only replaced by a new version."""
-    if offset is None or not sys.platform.startswith("linux"):
-        return None
     dtype = np.dtype(dtype)
+    if offset is None or offset % dtype.alignment or not sys.platform.startswith("linux"):
+        return None  # (an unaligned block would make numpy copy all of it in operations such as take)
     row = dtype.itemsize * shape[1]
     with open(path, "rb") as f:
         if not 0 < stored <= shape[0] or offset + stored * row > f.seek(0, 2):
@@ -110,4 +152,9 @@ def map_values(path: Path, offset: int | None, dtype: np.dtype, stored: int, sha
         if got != address:
             region.close()
             return None
+        # Map the file's pages now (read faults: shared page cache, nothing copied), in this thread — the
+        # exporter's reading thread, beside the fingerprints — rather than one fault at a time inside the
+        # HDF5 write later. Best effort: MADV_POPULATE_READ needs Linux 5.14.
+        libc.madvise.restype, libc.madvise.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(address, file_bytes, _MADV_POPULATE_READ)
     return np.frombuffer(region, dtype=dtype, count=shape[0] * shape[1], offset=lead).reshape(shape)

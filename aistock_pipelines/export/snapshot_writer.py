@@ -127,7 +127,8 @@ def write_h5(path: Path, frame: pd.DataFrame) -> None:
     write (2.4 s), and the bins thread, which needs it between its system calls, stood still meanwhile:
     pandas writes the file from a zero-strided stand-in of the block (index, attributes and an unwritten
     values dataset of the right shape: PyTables writes no data for a zero-strided array), then HDF5's own
-    ``H5Dwrite`` — called through ctypes, which releases the GIL — writes the block into that dataset.
+    ``H5Dwrite`` — called through ctypes, which releases the GIL — writes the block into that dataset, its
+    storage placed at a page boundary (:meth:`h5_values.Hdf5Values.write_aligned`).
     The file reads back equal to ``to_hdf``'s (tested); any other frame goes through ``to_hdf``."""
     one_dtype = len(frame) > 0 and len(set(frame.dtypes)) == 1 and frame.dtypes.iloc[0] in (np.float32, np.float64)
     block = np.ascontiguousarray(frame.to_numpy()) if one_dtype else None  # the frame's block: no copy
@@ -139,12 +140,12 @@ def write_h5(path: Path, frame: pd.DataFrame) -> None:
     stand_in = np.ndarray(block.shape, dtype=block.dtype, buffer=np.zeros((), dtype=block.dtype), strides=(0, 0))
     pd.DataFrame(stand_in, index=frame.index, columns=frame.columns, copy=False).to_hdf(
         path, key=H5_KEY, mode="w", format="fixed")
-    with tables.open_file(path, mode="r+") as f:
+    with tables.open_file(path, mode="r") as f:
         node = f.get_node(f"/{H5_KEY}/block0_values")
         if tuple(node.shape) != block.shape or node.dtype != block.dtype or not node.attrs.transposed:
             raise SnapshotError(f"{path}: pandas laid out the values unlike a row-major block "
                                 f"({node.shape}, {node.dtype}); please report this pandas/PyTables version")
-        _HDF5.write(node._v_objectid, block)
+    _HDF5.write_aligned(path, f"/{H5_KEY}/block0_values", block)  # page-aligned: read_h5_block maps it
 
 
 
