@@ -233,7 +233,7 @@ class QlibDailyExporter:
             days = [d for d in days if d <= new_end]
             # The stored block is read (with a spare row per new bar; too few only means a merge) by a second
             # thread while this one reads the new days and the server computes the fingerprints: both
-            # threads wait on I/O with the GIL released (HDF5 is called without it, see snapshot_writer).
+            # threads wait on I/O with the GIL released (HDF5 is called without it: export/h5_values.py).
             t = time.perf_counter()
             n_new = s.count_bars(prev_end, new_end, universe) if new_end > prev_end else 0
             stored = pool.submit(read_stored, n_new) if n_new else None

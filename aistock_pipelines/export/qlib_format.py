@@ -97,8 +97,8 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     ``ftruncate`` to the exact length. Readers of the current version never see a change — Qlib reads a
     bin only up to its own calendar's end — and a crashed run leaves nothing a rerun does not overwrite.
     Creating 84,000 new files takes 3–6 s on a quiet ext4 (7–30 s right after a mass delete on a file system
-    without a journal); 84,000 links with their extensions ≈ 1.5 s alone. New files are written by
-    ``workers`` threads (the system calls release the GIL), links in the calling thread."""
+    without a journal); 84,000 extensions ≈ 3 s alone. New files are written by ``workers`` threads (the
+    system calls release the GIL), extensions by two."""
     index = frame.index
     cal = np.asarray(pd.DatetimeIndex(pd.to_datetime(calendar)).as_unit("ns"), dtype="datetime64[ns]")
     level_dates = np.asarray(index.levels[0], dtype="datetime64[ns]")
@@ -232,15 +232,20 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
         selected = np.flatnonzero(inst == code)
         return selected[np.argsort(pos[selected], kind="stable")]
 
-    # New files in a few threads (creating a file waits on the file system's journal, the GIL is free
-    # meanwhile); links are cheap system calls made here at the same time (more threads only contend).
+    # New files in a few threads (creating a file waits on the file system, the GIL is free meanwhile);
+    # extensions in two: this thread and one of the pool (six system calls per file, the GIL free for
+    # each — 36,000 files at 4,000 instruments × 9 fields took 2.25 s in one thread). An extension that
+    # falls back is written anew by the pool.
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    def extend_all(part: list[tuple[int, int, int]]) -> list[int]:
+        return [code for code, a, b in part if not extend(a, b, int(first[code]), int(old_last[code]))]
+
+    with ThreadPoolExecutor(max(2, workers)) as pool:
         pending = [pool.submit(write_fresh, code, order[a:b]) for code, a, b in fresh]
-        for code, a, b in linked:
-            if not extend(a, b, int(first[code]), int(old_last[code])):
-                pending.append(pool.submit(write_fresh, code, all_rows(code)))
+        other_half = pool.submit(extend_all, linked[1::2])
+        fallbacks = extend_all(linked[0::2]) + other_half.result()
+        pending += [pool.submit(write_fresh, code, all_rows(code)) for code in fallbacks]
         for f in pending:
             f.result()
     return (len(fresh) + len(linked)) * len(fields)

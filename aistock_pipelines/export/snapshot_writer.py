@@ -14,8 +14,9 @@ A new version is built completely beside the current one, then the symlink is re
 The version a swap replaces stays until the next export of the snapshot writes, which deletes it (and any
 crash leftovers) in a background thread beside its own writing (:meth:`SnapshotWriter.write`): a reader
 that resolved the old path — a backtest running through the daily export — keeps reading complete files,
-and unlinking ~90,000 names uses the core the GIL-bound writing leaves idle. An exclusive ``flock`` keeps two writers off one
-snapshot.
+and unlinking is off the export's critical path. An incremental export even recycles that version's
+instrument folders for its bins (:class:`qlib_format.BinReuse`). An exclusive ``flock`` keeps two writers
+off one snapshot.
 """
 
 from __future__ import annotations
@@ -146,7 +147,6 @@ def write_h5(path: Path, frame: pd.DataFrame) -> None:
             raise SnapshotError(f"{path}: pandas laid out the values unlike a row-major block "
                                 f"({node.shape}, {node.dtype}); please report this pandas/PyTables version")
     _HDF5.write_aligned(path, f"/{H5_KEY}/block0_values", block)  # page-aligned: read_h5_block maps it
-
 
 
 
@@ -303,8 +303,8 @@ class SnapshotWriter:
         # GIL free too): in a full export at 5.6 M × 21 the 3.3 s of HDF5 writing and hashing then run
         # beside the bins' 6.1 s instead of after them.
         #
-        # The versions this one supersedes are deleted by a third thread meanwhile (module docstring): the
-        # HDF5 writes hold the GIL, so the writing keeps about one core busy, and unlinking is kernel work.
+        # The versions this one supersedes are deleted by a third thread meanwhile (module docstring):
+        # unlinking is kernel work, the GIL free.
         def clear(after: Future | None) -> None:
             t = time.perf_counter()
             for p in stale:
