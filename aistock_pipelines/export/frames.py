@@ -190,7 +190,8 @@ def patch_sorted(block: np.ndarray, index: pd.MultiIndex, columns: list[str], de
         return None
     all_names = np.unique(np.concatenate([names, d_names]))
     old_no, delta_no = np.searchsorted(all_names, names), np.searchsorted(all_names, d_names)
-    stored = np.flatnonzero(np.isin(names, np.asarray(list(replaced), dtype=object))[c1])  # replaced rows
+    is_replaced = np.isin(names, np.asarray(list(replaced), dtype=object))
+    stored = np.flatnonzero(is_replaced[c1])  # replaced rows
     before = len(delta) - k
     if len(stored) != before or not (np.array_equal(dates[c0[stored]], row_dates[:before])
                                      and np.array_equal(old_no[c1[stored]], delta_no[d_c1[:before]])):
@@ -205,10 +206,9 @@ def patch_sorted(block: np.ndarray, index: pd.MultiIndex, columns: list[str], de
     out = block[:n + k]
     # ``change`` differs from the stored one only in the replaced instruments' rows and the appended ones;
     # an appended row of any other instrument divides by that instrument's last stored close.
-    replaced_no = old_no[np.flatnonzero(np.isin(names, np.asarray(list(replaced), dtype=object)))]
     last_row = np.full(len(all_names), -1, dtype=np.int64)
     np.maximum.at(last_row, codes1[:n], np.arange(n, dtype=np.int64))
-    last_row[replaced_no] = -1
+    last_row[old_no[is_replaced]] = -1
     rows = np.concatenate([stored, np.arange(n, n + k)])
     at = {c: j for j, c in enumerate(columns)}
     _change_into(out, at[_close_name(columns)], at[_close_name(columns, "change")], codes1[rows], rows, last_row)

@@ -253,48 +253,24 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
 
 def _extend(src_dir: int, dst_dir: int, name: str, data: bytes, offset: int, valid: int, length: int,
             recycled: bool) -> bool:
-    """:func:`_extend_link`, or — in a recycled folder — the file already there when it is the same inode as
-    the current version's (then its first ``valid`` bytes are the current ones): written in place the same
-    way, one link and one later unlink fewer. Anything else there is replaced by a link."""
-    if not recycled:
-        return _extend_link(src_dir, dst_dir, name, data, offset, valid, length)
-    try:
-        fd = os.open(name, os.O_WRONLY, dir_fd=dst_dir)
-    except FileNotFoundError:
-        return _extend_link(src_dir, dst_dir, name, data, offset, valid, length)
-    try:
-        mine = os.fstat(fd)
+    """Make ``name`` in folder ``dst_dir`` the current version's file of that name (folder ``src_dir``; open
+    descriptors), whose first ``valid`` bytes are known to be right, ``length`` bytes long: ``data`` (whole
+    blocks from ``offset`` ≤ ``valid``: the bytes there now, then the new ones) written in place, then
+    truncated to ``length``. The file is the one already in a recycled folder when it is the current
+    version's inode (:func:`_recycled_file`), else a new hard link. False (and no name left) when the source
+    is missing or shorter than ``valid``."""
+    opened = _recycled_file(src_dir, dst_dir, name) if recycled else None
+    if opened is None:
         try:
-            theirs = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+            os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
         except FileNotFoundError:
             return False
-        if (mine.st_ino, mine.st_dev) != (theirs.st_ino, theirs.st_dev):
-            os.close(fd)
-            fd = -1
-            os.unlink(name, dir_fd=dst_dir)
-            return _extend_link(src_dir, dst_dir, name, data, offset, valid, length)
-        if mine.st_size < valid:
-            return False
-        os.pwrite(fd, data, offset)
-        os.ftruncate(fd, length)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    return True
-
-
-def _extend_link(src_dir: int, dst_dir: int, name: str, data: bytes, offset: int, valid: int, length: int) -> bool:
-    """Hard-link ``name`` from folder ``src_dir`` into folder ``dst_dir`` (open descriptors), whose first
-    ``valid`` bytes are known to be right, and make it ``length`` bytes: ``data`` (whole blocks from
-    ``offset`` ≤ ``valid``: the bytes there now, then the new ones) written in place, then truncated to
-    ``length``. False (and no new link) when the source is missing or shorter than ``valid``."""
+        fd = os.open(name, os.O_WRONLY, dir_fd=dst_dir)
+        size = os.fstat(fd).st_size
+    else:
+        fd, size = opened
     try:
-        os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
-    except FileNotFoundError:
-        return False
-    fd = os.open(name, os.O_WRONLY, dir_fd=dst_dir)
-    try:
-        if os.fstat(fd).st_size < valid:
+        if size < valid:
             os.unlink(name, dir_fd=dst_dir)
             return False
         os.pwrite(fd, data, offset)
@@ -302,6 +278,26 @@ def _extend_link(src_dir: int, dst_dir: int, name: str, data: bytes, offset: int
     finally:
         os.close(fd)
     return True
+
+
+def _recycled_file(src_dir: int, dst_dir: int, name: str) -> tuple[int, int] | None:
+    """(open descriptor, size) of ``name`` in a recycled folder ``dst_dir`` when it is the same inode as the
+    current version's (``src_dir``) — extending it saves a link now and an unlink later; None otherwise,
+    after unlinking whatever other file was there (it is never written)."""
+    try:
+        fd = os.open(name, os.O_WRONLY, dir_fd=dst_dir)
+    except FileNotFoundError:
+        return None
+    mine = os.fstat(fd)
+    try:
+        theirs = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        if (mine.st_ino, mine.st_dev) == (theirs.st_ino, theirs.st_dev):
+            return fd, mine.st_size
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+    os.unlink(name, dir_fd=dst_dir)
+    return None
 
 
 def _write_bytes(path: Path | str, data: bytes) -> None:
