@@ -18,7 +18,7 @@ from aistock_pipelines.export import qlib_format
 from aistock_pipelines.export.exporter import DataGateError, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, FactorTable, FieldSpec, MappingError
 from aistock_pipelines.export.meta_repo import MetaRepo
-from aistock_pipelines.export.reader import DBReader
+from aistock_pipelines.export.reader import DBReader, ReaderError
 from aistock_pipelines.export.snapshot_writer import SnapshotLocked, SnapshotOptions, SnapshotWriter
 
 pytestmark = pytest.mark.db
@@ -340,6 +340,31 @@ def test_bulk_reads_bind_their_bounds_folded_or_per_row(market_db):
     with pytest.raises(Exception, match="malformed ts_code"):
         with reader.session() as s:
             s.load_daily(["000001.SZ'); DROP TABLE market.kline_daily_qfq; --"], first, last)
+    reader.engine.dispose()
+
+
+def test_a_shared_view_is_the_same_database_state_on_a_second_connection(market_db):
+    """A full export computes its fingerprints on a second connection beside the bulk read
+    (``session(shared=True)`` → ``session(snapshot=…)``): a restatement committed in between is seen by
+    neither, so the fingerprints describe exactly the rows read; a fresh view sees it."""
+    reader = DBReader(create_db_engine(market_db), DEMO_MAPPING, market_db)
+    day = date(2022, 3, 1)
+    with reader.session(shared=True) as s:
+        assert s.snapshot
+        before = s.checksums(START, None, day, None)
+        with reader.engine.begin() as conn:
+            n = conn.execute(sa.text("UPDATE market.kline_daily_qfq SET close_li = close_li + 1 WHERE trade_date = :d"),
+                             {"d": day}).rowcount
+        assert n > 0
+        with reader.session(snapshot=s.snapshot) as twin:
+            pd.testing.assert_frame_equal(twin.checksums(START, None, day, None), before)
+    with reader.session() as fresh:
+        after = fresh.checksums(START, None, day, None)
+    traded = before.index[before["last_date"] == day]
+    assert len(traded) == n and (after.loc[traded, "sum_all"] != before.loc[traded, "sum_all"]).all()
+    with pytest.raises(ReaderError, match="malformed snapshot id"):
+        with reader.session(snapshot="1'; DROP TABLE market.kline_daily_qfq; --"):
+            pass
     reader.engine.dispose()
 
 

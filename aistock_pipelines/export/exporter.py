@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -82,7 +82,8 @@ def check_gates(frame: pd.DataFrame, trading_days: set[date]) -> None:
 
     if frame.empty:
         return
-    dup = frame.index.duplicated(keep=False)
+    # strictly sorted (every bulk read's index) means no key twice; only other frames are hashed
+    dup = np.zeros(len(frame), dtype=bool) if frames.strictly_sorted(frame.index) else frame.index.duplicated(keep=False)
     if dup.any():
         raise DataGateError(f"duplicate (ts_code, trade_date) rows in the source: {examples(dup)}; "
                             "deduplicate the bars table (it should have a unique key on (ts_code, trade_date))")
@@ -182,16 +183,18 @@ class QlibDailyExporter:
         universe = check_codes(ts_codes) if ts_codes is not None else None
         reader = self._reader_for(options)
         resolved = reader.resolved
-        with reader.session() as s:
+        with reader.session(shared=True) as s, ThreadPoolExecutor(1, thread_name_prefix="checksums") as pool:
             end, days = self._effective_end(s, start, end)
+            if s.snapshot is None:  # the view cannot be shared: fingerprints first, on this connection
+                sums = _timed(s.checksums, start, None, end, universe)
+            else:  # … else on a second connection, beside the read: the server's two parts of the work overlap
+                sums = pool.submit(_timed, _checksums_in, reader, s.snapshot, start, end, universe)
             t = time.perf_counter()
-            sums = s.checksums(start, None, end, universe)
-            check_s = time.perf_counter() - t
-            t = time.perf_counter()
-            block, index, columns = s.load_daily_block(universe, start, end, expected_rows=int(sums["rows_all"].sum()))
+            block, index, columns = s.load_daily_block(universe, start, end, expected_rows=lambda: _rows(sums))
             frame = pd.DataFrame(block, index=index, columns=columns, copy=False)
-            read_s = time.perf_counter() - t
             rows_read = s.rows_read
+            sums, check_s = sums.result() if isinstance(sums, Future) else sums
+            read_s = time.perf_counter() - t
         if frame.empty:
             which = f"codes {universe[:10]}{'…' if len(universe) > 10 else ''}" if universe else "any instrument"
             raise SnapshotError(f"snapshot {snapshot_id}: no bars for {which} between {start} and {end} in "
@@ -349,6 +352,27 @@ class QlibDailyExporter:
                             per_instrument=per_inst, restated=restated, rows_added=rows_added,
                             rows_rewritten=rows_rewritten, rows_read=rows_read, applied=applied, timings=timings,
                             sha256=meta["daily_pv_sha256"], export_id=export_id)
+
+
+def _checksums_in(reader: DBReader, snapshot: str, start: date, end: date, universe: list[str] | None) -> pd.DataFrame:
+    """:meth:`ReadSession.checksums` over [start, end] on a connection of its own, in the view ``snapshot``."""
+    with reader.session(snapshot=snapshot) as twin:
+        return twin.checksums(start, None, end, universe)
+
+
+def _timed(fn, *args) -> tuple:
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
+
+
+def _rows(sums: tuple[pd.DataFrame, float] | Future) -> int | None:
+    """The bars the fingerprints counted, once they are there (None before, or if they failed: the read
+    then allocates its block after the bars, and the failure is raised where the fingerprints are used)."""
+    if isinstance(sums, Future):
+        if not sums.done() or sums.exception() is not None:
+            return None
+        sums = sums.result()
+    return int(sums[0]["rows_all"].sum())
 
 
 def _restated(sums: pd.DataFrame, stored: dict[str, InstrumentState]) -> set[str]:

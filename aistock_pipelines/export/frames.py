@@ -235,20 +235,27 @@ def _change_into(block: np.ndarray, j_close: int, j_change: int, inst_codes: np.
         return
     small = inst_codes.astype(np.int16) if inst_codes.max(initial=0) < 2**15 else inst_codes
     order = np.argsort(small, kind="stable")  # radix sort for int16 codes
-    at = order if rows is None else rows[order]
-    close = block[at, j_close].astype(np.float64, copy=False)
-    prev = np.empty(n, dtype=np.float64)
+    # Gathers and scatters run on a contiguous copy of the closes in row order, never across the block's
+    # rows (a cache line each): ``prev_at[i]`` is the position (in ``rows``) of row i's previous close.
+    close = (block[:, j_close] if rows is None else block[rows, j_close]).astype(np.float64)
     codes = inst_codes[order]
     first = np.ones(n, dtype=bool)
     first[1:] = codes[1:] != codes[:-1]
-    prev[1:] = close[:-1]
-    prev[first] = np.nan
+    starts = order[first]  # each instrument's first row
+    prev_at = np.empty(n, dtype=np.intp)
+    prev_at[order[1:]] = order[:-1]
+    prev_at[starts] = 0
+    prev = close[prev_at]
+    prev[starts] = np.nan
     if before is not None:
         earlier = before[codes[first]]
-        prev[first] = np.where(earlier >= 0, block[np.maximum(earlier, 0), j_close].astype(np.float64), np.nan)
+        prev[starts] = np.where(earlier >= 0, block[np.maximum(earlier, 0), j_close].astype(np.float64), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         change = close / prev - 1.0
-    block[at, j_change] = change
+    if rows is None:
+        block[:, j_change] = change
+    else:
+        block[rows, j_change] = change
 
 
 def relabel(frame: pd.DataFrame, rename: Callable[[np.ndarray], np.ndarray], columns: list[str], dtype: str,

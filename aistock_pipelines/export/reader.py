@@ -19,7 +19,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import adbc_driver_postgresql.dbapi as adbc
 import numpy as np
@@ -36,6 +36,7 @@ from aistock_pipelines.export.mapping import ExportMapping, ResolvedMapping, quo
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CODE = re.compile(r"^[A-Za-z0-9]{1,12}\.[A-Za-z]{2,4}$")
+_SNAPSHOT_ID = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")  # pg_export_snapshot(): e.g. 00000003-0000001B-1
 _EPOCH = "DATE '1990-01-01'"
 
 #: Per-instrument fingerprint of the bar rows (and raw close, when configured): a date-weighted integer
@@ -123,6 +124,10 @@ class ReadSession:
     conn: adbc.Connection
     resolved: ResolvedMapping
     rows_read: int = 0
+    #: The view's exported snapshot id (``pg_export_snapshot``) when the session was opened ``shared``: a
+    #: session on another connection opened with it sees exactly this database state (None: not shared, or
+    #: the server refused to export it).
+    snapshot: str | None = None
 
     # ---------------------------------------------------------------------------------- queries
 
@@ -251,7 +256,8 @@ class ReadSession:
         return pd.DataFrame(block, index=index, columns=columns, copy=False)
 
     def load_daily_block(self, ts_codes: list[str] | None, start: date, end: date, *,
-                         expected_rows: int | None = None) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
+                         expected_rows: int | Callable[[], int | None] | None = None
+                         ) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
         """:meth:`load_daily` as its parts: a writable row-major float64 block owned by the caller (who may
         finish it in place — the exporter does), the sorted index and the column names.
 
@@ -260,7 +266,8 @@ class ReadSession:
         (:class:`_KeyJoin`): the server only scans and converts, and the key join costs the client a few
         array operations per batch. ``expected_rows`` (the bars in the range, when the caller knows them —
         the exporter's fingerprints count them) lets the block be allocated and its memory faulted in
-        while the bars arrive, instead of after them."""
+        while the bars arrive, instead of after them; a callable is asked at each of the bars' batches
+        until it returns a number (the fingerprints, computed on a second connection beside this read)."""
         folded = self.bind_bounds(start, end, ts_codes)
         plan = self._plan(ts_codes is not None, folded)
         join = _KeyJoin(self.resolved, [select for select, _ in plan], expected_rows)
@@ -410,7 +417,8 @@ class _KeyJoin:
     dropped; bars without a row there get NaN. Two rows with one key in any table (which SQL's join would
     turn into duplicate bars) are refused with examples, as a :class:`DataGateError`."""
 
-    def __init__(self, resolved: ResolvedMapping, selects: list[SourceSelect], expected_rows: int | None = None) -> None:
+    def __init__(self, resolved: ResolvedMapping, selects: list[SourceSelect],
+                 expected_rows: int | Callable[[], int | None] | None = None) -> None:
         self.resolved = resolved
         self.selects = selects
         self.names = list(resolved.logical_columns)
@@ -421,8 +429,10 @@ class _KeyJoin:
         # The block, allocated up front when its size is known, and faulted in as the bars arrive: a first
         # write to fresh memory costs a page fault per page (measured 0.3–3 s per GB; the upper end on a VM
         # whose host reclaims freed memory), which then overlaps with the server and the decoding thread.
-        self.early = np.empty((expected_rows, len(self.names))) if expected_rows else None
+        self.expected_rows = expected_rows if callable(expected_rows) else lambda: expected_rows
+        self.early: np.ndarray | None = None
         self.faulted = 0
+        self.arrived = 0  # the bars' rows so far
         self.stamp: np.ndarray | None = None  # per row: the last joined-table row placed there (−1: none yet)
         self.stamped = 0
         self.duplicates: list[np.ndarray] = []  # row numbers with a duplicate key in the current table
@@ -434,16 +444,24 @@ class _KeyJoin:
                 self._place_bars()
             elif batch.num_rows:
                 self.bars.append(_batch_keys(batch))
-                self._fault_in(batch.num_rows)
+                self.arrived += batch.num_rows
+                self._fault_in()
         elif batch is None:
             self._finish_joined(self.selects[i])
         elif batch.num_rows and self.rows:
             self._add_joined(self.selects[i], batch)
 
-    def _fault_in(self, rows: int) -> None:
+    def _fault_in(self) -> None:
+        """Allocate the block once its size is known, and fault in as many rows as have arrived."""
+        if self.expected_rows is not None:
+            rows = self.expected_rows()
+            if rows is not None:
+                self.expected_rows = None
+                self.early = np.empty((rows, len(self.names))) if rows else None
         if self.early is not None and self.faulted < len(self.early):
-            self.early[self.faulted:self.faulted + rows] = 0.0
-            self.faulted += rows
+            upto = min(self.arrived, len(self.early))
+            self.early[self.faulted:upto] = 0.0
+            self.faulted = upto
 
     def _place_bars(self) -> None:
         bars, self.bars = self.bars, []
@@ -607,16 +625,35 @@ class DBReader:
         return self._resolved
 
     @contextmanager
-    def session(self, conn: adbc.Connection | None = None) -> Iterator[ReadSession]:
+    def session(self, conn: adbc.Connection | None = None, *, shared: bool = False,
+                snapshot: str | None = None) -> Iterator[ReadSession]:
         """One REPEATABLE READ view. ``conn``: an open connection from :meth:`connect` to run it on — a
-        long-lived caller (the live adapter) saves the ~40 ms connect per read; it is left open here."""
+        long-lived caller (the live adapter) saves the ~40 ms connect per read; it is left open here.
+
+        ``shared``: export the view (:attr:`ReadSession.snapshot`), so that work on a second connection —
+        a session opened with ``snapshot=`` that id, while this one is open — reads the same database
+        state; this is how the exporter's fingerprints run beside its bulk read. A server that refuses
+        (``snapshot`` stays None) costs a fresh transaction before anything was read."""
         own = conn is None
         if own:
             conn = self.connect()
         try:
+            exported = None
             with conn.cursor() as cur:
                 cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            yield ReadSession(conn, self.resolved)
+                if snapshot is not None:
+                    if not _SNAPSHOT_ID.match(snapshot):
+                        raise ReaderError(f"malformed snapshot id {snapshot!r}")
+                    cur.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # a utility statement: no parameters
+                elif shared:
+                    try:
+                        cur.execute("SELECT pg_export_snapshot()")
+                        exported = cur.fetch_arrow_table().column(0)[0].as_py()
+                    except adbc.Error as e:
+                        log.info("this read's view is not shared (%s)", str(e).splitlines()[0])
+                        cur.execute("ROLLBACK")
+                        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield ReadSession(conn, self.resolved, snapshot=exported)
         finally:
             try:
                 with conn.cursor() as cur:
