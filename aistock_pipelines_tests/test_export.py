@@ -184,6 +184,14 @@ def test_restatement_then_incremental_equals_fresh_full_export(market_db, tmp_pa
     inc_bins = {p.relative_to(tmp_path / "inc"): p.read_bytes() for p in (tmp_path / "inc" / "features").rglob("*.bin")}
     fresh_bins = {p.relative_to(tmp_path / "fresh"): p.read_bytes() for p in (tmp_path / "fresh" / "features").rglob("*.bin")}
     assert inc_bins == fresh_bins and any(qlib_format.to_qlib_symbol(c).lower() in str(p) for c in restated for p in inc_bins)
+    # a full export writes most bins beside its read, from the float64 block still in ts_code order; they
+    # equal bins written in one go from the finished file's frame (float32, qlib names)
+    plain = pd.DataFrame(np.ascontiguousarray(fresh.to_numpy()), index=fresh.index,
+                         columns=[c.lstrip("$") for c in fresh.columns])
+    calendar = qlib_format.read_calendar(tmp_path / "fresh" / "calendars" / "day.txt")
+    qlib_format.write_bins(tmp_path / "direct" / "features", plain, calendar, list(plain.columns))
+    direct = {p.relative_to(tmp_path / "direct"): p.read_bytes() for p in (tmp_path / "direct" / "features").rglob("*.bin")}
+    assert direct == fresh_bins
     assert len(list((tmp_path / ".versions").glob("inc@*"))) == 2, "the current version and the one it replaced"
     untouched = sorted(set(folders) - {qlib_format.to_qlib_symbol(c).lower() for c in restated})
     assert all((tmp_path / "inc" / "features" / d).stat().st_ino == folders[d] for d in untouched), \
@@ -256,6 +264,8 @@ def test_data_gates_refuse_and_keep_the_previous_snapshot(exported, market_db, c
     with pytest.raises(DataGateError, match=message):
         ex.export_full("demo", START)
     assert (path / "daily_pv.h5").read_bytes() == before
+    # the refused export's own version — bins written beside its read included — is gone
+    assert list((path.parent / ".versions").iterdir()) == [path.resolve()]
     engine.dispose()
 
 

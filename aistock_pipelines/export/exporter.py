@@ -32,8 +32,8 @@ from aistock_pipelines.export.mapping import quote_table
 from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
 from aistock_pipelines.export import frames, qlib_format
 from aistock_pipelines.export.reader import DataGateError, DBReader, ReadSession, check_codes
-from aistock_pipelines.export.snapshot_writer import (SnapshotError, SnapshotOptions, SnapshotWriter, check_snapshot_id,
-                                                      external_frame)
+from aistock_pipelines.export.snapshot_writer import (NewVersion, SnapshotError, SnapshotOptions, SnapshotWriter,
+                                                      check_snapshot_id, external_frame)
 
 PRICE_COLUMNS = ["open", "high", "low", "close"]
 
@@ -183,35 +183,53 @@ class QlibDailyExporter:
         universe = check_codes(ts_codes) if ts_codes is not None else None
         reader = self._reader_for(options)
         resolved = reader.resolved
-        with reader.session(shared=True) as s, ThreadPoolExecutor(1, thread_name_prefix="checksums") as pool:
-            end, days = self._effective_end(s, start, end)
+        begun, beside = self.writer.begin(snapshot_id), None
+        try:
+            with reader.session(shared=True) as s:
+                end, days = self._effective_end(s, start, end)
+                # Each group of columns the read makes final gets its bins written beside the rest of the read.
+                beside = (qlib_format.BinsBeside(begun.path / "features", days, options.instruments)
+                          if options.qlib_bins else None)
+                block, index, columns, sums, timings = self._read_full(s, reader, start, end, universe, beside)
+                rows_read = s.rows_read
+            if not len(index):
+                which = f"codes {universe[:10]}{'…' if len(universe) > 10 else ''}" if universe else "any instrument"
+                raise SnapshotError(f"snapshot {snapshot_id}: no bars for {which} between {start} and {end} in "
+                                    f"{resolved.mapping.bars_table}; check the codes (ts_code form, e.g. 000001.SZ) and the range")
+            t = time.perf_counter()
+            check_gates(pd.DataFrame(block, index=index, columns=columns, copy=False), set(days))
+            # the block is ours alone (the bins beside only read columns finish_in_place leaves as they are,
+            # up to the rounding to float32 they apply anyway): finish it in place — the values never exist twice
+            frame = frames.finish_in_place(block, index, columns, options.dtype)
+            del block
+            ext = external_frame(frame, options)  # float64/ts_code/plain: the same block
+            del frame
+            timings["frame"] = time.perf_counter() - t
+            result = self._commit(snapshot_id, mode, start, end, universe, options, resolved, ext, days, sums,
+                                  restated=[], rows_added=len(ext), rows_rewritten=0, rows_read=rows_read,
+                                  begun=begun, bins_beside=beside)
+        except BaseException:
+            if beside is not None:
+                beside.close()
+            self.writer.discard(snapshot_id, begun)
+            raise
+        result.timings = {**timings, **result.timings, "total": time.perf_counter() - t0}
+        return result
+
+    @staticmethod
+    def _read_full(s: ReadSession, reader: DBReader, start: date, end: date, universe: list[str] | None,
+                   beside: qlib_format.BinsBeside | None) -> tuple:
+        """The bulk read and the fingerprints of [start, end]: (block, index, columns, sums, timings)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="checksums") as pool:
             if s.snapshot is None:  # the view cannot be shared: fingerprints first, on this connection
                 sums = _timed(s.checksums, start, None, end, universe)
             else:  # … else on a second connection, beside the read: the server's two parts of the work overlap
                 sums = pool.submit(_timed, _checksums_in, reader, s.snapshot, start, end, universe)
             t = time.perf_counter()
-            block, index, columns = s.load_daily_block(universe, start, end, expected_rows=lambda: _rows(sums))
-            frame = pd.DataFrame(block, index=index, columns=columns, copy=False)
-            rows_read = s.rows_read
+            block, index, columns = s.load_daily_block(universe, start, end, expected_rows=lambda: _rows(sums),
+                                                       on_ready=beside.add if beside is not None else None)
             sums, check_s = sums.result() if isinstance(sums, Future) else sums
-            read_s = time.perf_counter() - t
-        if frame.empty:
-            which = f"codes {universe[:10]}{'…' if len(universe) > 10 else ''}" if universe else "any instrument"
-            raise SnapshotError(f"snapshot {snapshot_id}: no bars for {which} between {start} and {end} in "
-                                f"{resolved.mapping.bars_table}; check the codes (ts_code form, e.g. 000001.SZ) and the range")
-        t = time.perf_counter()
-        check_gates(frame, set(days))
-        del frame  # the block is ours alone again: finish it in place (the values never exist twice)
-        frame = frames.finish_in_place(block, index, columns, options.dtype)
-        del block
-        ext = external_frame(frame, options)  # float64/ts_code/plain: the same block
-        del frame
-        frame_s = time.perf_counter() - t
-        result = self._commit(snapshot_id, mode, start, end, universe, options, resolved, ext, days, sums,
-                              restated=[], rows_added=len(ext), rows_rewritten=0, rows_read=rows_read)
-        result.timings = {"read_db": read_s, "checksums": check_s, "frame": frame_s, **result.timings,
-                          "total": time.perf_counter() - t0}
-        return result
+            return block, index, columns, sums, {"read_db": time.perf_counter() - t, "checksums": check_s}
 
     def _incremental(self, snapshot_id: str, meta: dict, start: date, end: date | None, universe: list[str] | None,
                      options: SnapshotOptions) -> ExportResult:
@@ -315,7 +333,7 @@ class QlibDailyExporter:
         return external_frame(frame, options), n_old, rewritten
 
     def _commit(self, snapshot_id, mode, start, end, universe, options, resolved, ext, days, sums, *, restated,
-                rows_added, rows_rewritten, rows_read, applied="") -> ExportResult:
+                rows_added, rows_rewritten, rows_read, applied="", begun=None, bins_beside=None) -> ExportResult:
         """Write ``ext`` (the file's frame) as the snapshot's new version, then its meta rows."""
         export_id = uuid.uuid4().hex
         ts_code = (lambda name: name) if options.instruments == "ts_code" else qlib_format.from_qlib_symbol
@@ -344,7 +362,8 @@ class QlibDailyExporter:
                             "rows_rewritten": rows_rewritten, "rows_read": rows_read, "applied": applied},
         }
         path, meta, timings = self.writer.write(snapshot_id, ext, days, options, meta, column_info,
-                                                rewrite=set(restated) if mode == "incremental" else None)
+                                                rewrite=set(restated) if mode == "incremental" else None,
+                                                begun=begun, bins_beside=bins_beside)
         t = time.perf_counter()
         self.meta.replace(snapshot_id, states)
         timings["write_meta_repo"] = time.perf_counter() - t

@@ -251,6 +251,47 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     return (len(fresh) + len(linked)) * len(fields)
 
 
+class BinsBeside:
+    """:func:`write_bins` for groups of fields, written one group after another by a background thread
+    while the caller goes on — a full export hands over each group of columns as its read makes them final
+    (``ReadSession.load_daily_block(on_ready=…)``), so most of its 84,000 files are written while the
+    server still sends the factor tables. The snapshot writer writes the remaining fields and waits here
+    (:meth:`result`) before anything is swapped in. ``style``: the snapshot's instrument naming."""
+
+    def __init__(self, features_dir: Path, calendar: list[date], style: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.features_dir, self.calendar, self.style = features_dir, calendar, style
+        self.fields: list[str] = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bins-beside")
+        self._jobs: list = []
+
+    def add(self, frame: pd.DataFrame, fields: list[str]) -> None:
+        """Write ``fields`` of ``frame`` (plain logical names; its instrument level in ts_code form, its
+        values as they will be exported — bins are float32, so a float64 value gives the same bytes as
+        its float32 rounding). ``frame`` must not change in these columns until :meth:`result`."""
+        if self.style != "ts_code":
+            index = frame.index
+            renamed = instrument_names(pd.Index(index.levels[1]), self.style)
+            frame = pd.DataFrame(frame.to_numpy(), index=index.set_levels(renamed, level=1, verify_integrity=False),
+                                 columns=frame.columns, copy=False)
+        self.fields += fields
+        self._jobs.append(self._pool.submit(write_bins, self.features_dir, frame, self.calendar, fields, workers=2))
+
+    def result(self) -> int:
+        """Wait for every group; the files written (a failure in any group raises here)."""
+        try:
+            return sum(job.result() for job in self._jobs)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the groups not started and wait for the one being written (the caller is failing)."""
+        for job in self._jobs:
+            job.cancel()
+        self._pool.shutdown(wait=True)
+
+
 def _extend(src_dir: int, dst_dir: int, name: str, data: bytes, offset: int, valid: int, length: int,
             recycled: bool) -> bool:
     """Make ``name`` in folder ``dst_dir`` the current version's file of that name (folder ``src_dir``; open

@@ -256,7 +256,8 @@ class ReadSession:
         return pd.DataFrame(block, index=index, columns=columns, copy=False)
 
     def load_daily_block(self, ts_codes: list[str] | None, start: date, end: date, *,
-                         expected_rows: int | Callable[[], int | None] | None = None
+                         expected_rows: int | Callable[[], int | None] | None = None,
+                         on_ready: Callable[[pd.DataFrame, list[str]], None] | None = None
                          ) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
         """:meth:`load_daily` as its parts: a writable row-major float64 block owned by the caller (who may
         finish it in place — the exporter does), the sorted index and the column names.
@@ -267,10 +268,14 @@ class ReadSession:
         array operations per batch. ``expected_rows`` (the bars in the range, when the caller knows them —
         the exporter's fingerprints count them) lets the block be allocated and its memory faulted in
         while the bars arrive, instead of after them; a callable is asked at each of the bars' batches
-        until it returns a number (the fingerprints, computed on a second connection beside this read)."""
+        until it returns a number (the fingerprints, computed on a second connection beside this read).
+        ``on_ready(frame, names)`` is called (in this thread) each time columns of the block become final,
+        while the read goes on: ``frame`` is the block under the final index, ``names`` the columns that
+        will not change again in this read — ``change`` never (it is computed from the rounded closes of a
+        finished frame). A full export writes their Qlib bins meanwhile."""
         folded = self.bind_bounds(start, end, ts_codes)
         plan = self._plan(ts_codes is not None, folded)
-        join = _KeyJoin(self.resolved, [select for select, _ in plan], expected_rows)
+        join = _KeyJoin(self.resolved, [select for select, _ in plan], expected_rows, on_ready)
         for i, batch in _prefetched(_statement_batches(self.conn, [sql for _, sql in plan]), depth=16):
             join.add(i, batch)
         self.rows_read += join.rows
@@ -418,8 +423,13 @@ class _KeyJoin:
     turn into duplicate bars) are refused with examples, as a :class:`DataGateError`."""
 
     def __init__(self, resolved: ResolvedMapping, selects: list[SourceSelect],
-                 expected_rows: int | Callable[[], int | None] | None = None) -> None:
+                 expected_rows: int | Callable[[], int | None] | None = None,
+                 on_ready: Callable[[pd.DataFrame, list[str]], None] | None = None) -> None:
         self.resolved = resolved
+        self.on_ready = on_ready
+        self.reported: set[str] = {"change"}  # columns final so far (change: never, in a read)
+        self.derived = False  # _derive ran (once the ratio's denominator is in)
+        self.index: pd.MultiIndex | None = None
         self.selects = selects
         self.names = list(resolved.logical_columns)
         self.at = {name: j for j, name in enumerate(self.names)}
@@ -442,14 +452,40 @@ class _KeyJoin:
         if i == 0:
             if batch is None:
                 self._place_bars()
+                self._statement_done(0)
             elif batch.num_rows:
                 self.bars.append(_batch_keys(batch))
                 self.arrived += batch.num_rows
                 self._fault_in()
         elif batch is None:
             self._finish_joined(self.selects[i])
+            self._statement_done(i)
         elif batch.num_rows and self.rows:
             self._add_joined(self.selects[i], batch)
+
+    def _statement_done(self, i: int) -> None:
+        """Derive once the ratio's denominator (the raw bars) is in; tell ``on_ready`` what became final."""
+        if not self.derived and (self.selects[i].divides or not any(s.divides for s in self.selects)):
+            _derive(self.block, self.at, self.resolved)
+            self.derived = True
+        if self.on_ready is None or self.errors or not self.rows:
+            return
+        done = {name for s in self.selects[:i + 1] for name in s.names}
+        if self.derived:
+            done |= set(self.resolved.derived_fields)
+        elif self.resolved.mapping.has_factor:
+            done -= {SourceSelect.RATIO, "volume"}  # numerators still (volume is divided by factor)
+        ready = [name for name in self.names if name in done and name not in self.reported]
+        if ready:
+            self.reported.update(ready)
+            self.on_ready(pd.DataFrame(self.block, index=self._index(), columns=self.names, copy=False), ready)
+
+    def _index(self) -> pd.MultiIndex:
+        if self.index is None:
+            width = max(len(self.levels), 1)
+            self.index = make_index(self.day_levels.astype("datetime64[D]").astype("datetime64[ns]"),
+                                    self.cells // width, np.asarray(self.levels, dtype=object), self.cells % width)
+        return self.index
 
     def _fault_in(self) -> None:
         """Allocate the block once its size is known, and fault in as many rows as have arrived."""
@@ -562,12 +598,9 @@ class _KeyJoin:
     def result(self) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
         if self.errors:
             raise DataGateError(self.errors[0])
-        width = max(len(self.levels), 1)
-        block = self.block
-        _derive(block, self.at, self.resolved)
-        index = make_index(self.day_levels.astype("datetime64[D]").astype("datetime64[ns]"), self.cells // width,
-                           np.asarray(self.levels, dtype=object), self.cells % width)
-        return block, index, self.names
+        if not self.derived:
+            _derive(self.block, self.at, self.resolved)
+        return self.block, self._index(), self.names
 
 
 def _assemble(date_codes: np.ndarray, date_levels: np.ndarray, inst_codes: np.ndarray, inst_levels: np.ndarray,

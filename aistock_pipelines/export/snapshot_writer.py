@@ -206,6 +206,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class NewVersion:
+    """A version folder being built and the versions it supersedes (listed before it existed)."""
+
+    path: Path
+    stale: list[Path]
+
+
 class SnapshotWriter:
     def __init__(self, snapshot_root: Path, market: str = "aistock"):
         self.root = Path(snapshot_root)
@@ -263,8 +271,24 @@ class SnapshotWriter:
 
     # ---------------------------------------------------------------------------------- writing
 
+    def begin(self, snapshot_id: str) -> NewVersion:
+        """The folder of a new version, made now — before :meth:`write` — for files written while the
+        export still reads (:class:`qlib_format.BinsBeside`). Caller holds :meth:`lock`; a version that
+        is never written is a crash leftover, deleted by the next writing export."""
+        stale = self.stale_versions(snapshot_id)  # listed before the new version exists
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        version = self.root / ".versions" / f"{snapshot_id}@{stamp}"
+        version.mkdir(parents=True)
+        return NewVersion(version, stale)
+
+    def discard(self, snapshot_id: str, begun: NewVersion) -> None:
+        """Delete a version from :meth:`begin` whose export failed (never the current one)."""
+        if self.path(snapshot_id).resolve() != begun.path.resolve():
+            _remove_tree(begun.path, workers=1)
+
     def write(self, snapshot_id: str, ext: pd.DataFrame, calendar: list[date], options: SnapshotOptions,
-              meta: dict, column_info: dict[str, dict], *, rewrite: set[str] | None = None
+              meta: dict, column_info: dict[str, dict], *, rewrite: set[str] | None = None,
+              begun: NewVersion | None = None, bins_beside: "qlib_format.BinsBeside | None" = None
               ) -> tuple[Path, dict, dict[str, float]]:
         """Build a complete new version and swap it in. ``ext`` is the file's frame (:func:`external_frame`:
         column style, instrument names and dtype of ``options``; sorted, row-major). Returns (path, final
@@ -272,12 +296,12 @@ class SnapshotWriter:
 
         ``rewrite`` (incremental exports): the ts_codes whose history changed. Every other instrument's bins
         are hard links to the current version's files, extended in place by the new days
-        (:func:`qlib_format.write_bins`); None writes every bin anew."""
+        (:func:`qlib_format.write_bins`); None writes every bin anew. ``begun``: the version's folder from
+        :meth:`begin`, with ``bins_beside`` writing some fields' bins there already (the rest are written
+        here; both are waited for before the swap)."""
         timings: dict[str, float] = {}
-        stale = self.stale_versions(snapshot_id)  # listed before the new version exists
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        version = self.root / ".versions" / f"{snapshot_id}@{stamp}"
-        version.mkdir(parents=True)
+        begun = begun or self.begin(snapshot_id)
+        version, stale = begun.path, begun.stale
         qlib_format.write_calendar(version / "calendars" / "day.txt", calendar)
         named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)  # bins are named by field
         qlib_format.write_instruments(version / "instruments" / "all.txt", qlib_format.instrument_spans(named, calendar))
@@ -294,8 +318,14 @@ class SnapshotWriter:
                 reuse = self._bin_reuse(snapshot_id, calendar,
                                         set(qlib_format.instrument_names(sorted(rewrite), options.instruments)),
                                         recycle)
-            n = qlib_format.write_bins(version / "features", named, calendar, list(named.columns), reuse=reuse)
+            written = bins_beside.fields if bins_beside is not None else []
+            n = qlib_format.write_bins(version / "features", named, calendar,
+                                       [c for c in named.columns if c not in written], reuse=reuse)
             timings["write_bins"] = time.perf_counter() - t
+            if bins_beside is not None:
+                t = time.perf_counter()
+                n += bins_beside.result()
+                timings["wait_bins_beside"] = time.perf_counter() - t
             return n
 
         # The bins (tens of thousands of small files: system calls, the GIL free) are written by a second
