@@ -24,7 +24,8 @@ that did only this, read with ``os.wait4`` per child), against the same database
   ``qlib`` = ``$`` columns / SH600000 names / float32 / bars only (as ``demo_qlib``, over the full range).
   Each run creates its own snapshot; none is deleted before the end (see ``kept``). Phase timings come from
   ``ExportResult.timings``. Before every measurement the bench calls ``sync`` (untimed), so a run starts
-  with no writeback pending from the previous one.
+  with no writeback pending from the previous one; before the full runs it waits (up to 10 minutes) until
+  creating a file is no longer slow (:func:`file_creation_us`; the probes are in the results).
 * **incremental** — per repeat, ``advance_market`` appends one trading day with ``--events`` ex-dividend
   restatements (each rewrites that instrument's whole qfq history), then ``export_incremental`` per variant.
   Rows read from the database are reported beside the snapshot's size.
@@ -323,6 +324,35 @@ def log(msg: str) -> None:
     print(f"[bench {datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
+def file_creation_us(root: Path, files: int = 1000) -> float:
+    """Microseconds per new 6 KB file under ``root`` (then deleted): a probe of the file system's state.
+    On ext4 without a journal (this VM's disk), new inodes skip recently freed ones one lookup each, so
+    for minutes after a mass delete — the previous bench's snapshots, say — creating a file can cost
+    25× its usual ≈ 30 µs, which a full export's 84,000 bins then pay (docs/performance.md)."""
+    probe = root / ".probe"
+    probe.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    for i in range(files):
+        fd = os.open(probe / f"{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"\0" * 6000)
+        os.close(fd)
+    seconds = time.perf_counter() - t
+    shutil.rmtree(probe)
+    return seconds / files * 1e6
+
+
+def settle_file_system(root: Path, slow_us: float = 100.0, max_wait: float = 600.0) -> list[float]:
+    """Wait (up to ``max_wait`` s) until creating files is no longer slow; returns the probes (µs/file)."""
+    probes = [file_creation_us(root)]
+    waited = 0.0
+    while probes[-1] > slow_us and waited < max_wait:
+        log(f"creating a file takes {probes[-1]:.0f} µs (a recent mass delete?); waiting for the file system")
+        time.sleep(30)
+        waited += 30
+        probes.append(file_creation_us(root))
+    return probes
+
+
 def machine_facts() -> dict:
     import numpy
     import pandas
@@ -455,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                "out_h5": str(root / "baseline.h5")}, tmp, f"baseline{i}"))
                 log(f"  {res['baseline'][-1]['seconds']:.1f} s")
         if "full" not in skip:
+            res["file_creation_us"] = settle_file_system(root)
+            log(f"file creation probe: {res['file_creation_us'][-1]:.0f} µs per file")
             res["full"] = {}
             for v in variants:
                 res["full"][v] = []
