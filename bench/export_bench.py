@@ -325,20 +325,19 @@ def log(msg: str) -> None:
 
 
 def file_creation_us(root: Path, files: int = 1000) -> float:
-    """Microseconds per new 6 KB file under ``root`` (then deleted): a probe of the file system's state.
-    On ext4 without a journal (this VM's disk), new inodes skip recently freed ones one lookup each, so
-    for minutes after a mass delete — the previous bench's snapshots, say — creating a file can cost
-    25× its usual ≈ 30 µs, which a full export's 84,000 bins then pay (docs/performance.md)."""
-    probe = root / ".probe"
-    probe.mkdir(parents=True, exist_ok=True)
+    """Microseconds per new 6 KB file under ``root``: a probe of the file system's state. On ext4 without
+    a journal (this VM's disk), new inodes skip recently freed ones one lookup each, so for minutes after a
+    mass delete — the previous bench's snapshots, say — creating a file can cost 25× its usual ≈ 30 µs,
+    which a full export's 84,000 bins then pay (docs/performance.md). The files stay until the bench
+    deletes its snapshots: deleting them now would slow the next probe the same way."""
+    probe = root / f".probe-{time.time_ns()}"
+    probe.mkdir(parents=True)
     t = time.perf_counter()
     for i in range(files):
         fd = os.open(probe / f"{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(fd, b"\0" * 6000)
         os.close(fd)
-    seconds = time.perf_counter() - t
-    shutil.rmtree(probe)
-    return seconds / files * 1e6
+    return (time.perf_counter() - t) / files * 1e6
 
 
 def settle_file_system(root: Path, slow_us: float = 100.0, max_wait: float = 600.0) -> list[float]:
