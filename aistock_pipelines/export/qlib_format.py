@@ -10,6 +10,7 @@ lower-case. Values are placed by calendar position — never appended blindly, w
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -264,8 +265,6 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     # extensions in two: this thread and one of the pool (six system calls per file, the GIL free for
     # each — 36,000 files at 4,000 instruments × 9 fields took 2.25 s in one thread). An extension that
     # falls back is written anew by the pool.
-    from concurrent.futures import ThreadPoolExecutor
-
     def extend_all(part: list[tuple[int, int, int]]) -> list[int]:
         return [code for code, a, b in part if not extend(a, b, int(first[code]), int(old_last[code]))]
 
@@ -287,8 +286,6 @@ class BinsBeside:
     (:meth:`result`) before anything is swapped in. ``style``: the snapshot's instrument naming."""
 
     def __init__(self, features_dir: Path, calendar: list[date], style: str) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.features_dir, self.calendar, self.style = features_dir, calendar, style
         self.fields: list[str] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bins-beside")
