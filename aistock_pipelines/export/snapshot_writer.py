@@ -149,7 +149,6 @@ def write_h5(path: Path, frame: pd.DataFrame) -> None:
     _HDF5.write_aligned(path, f"/{H5_KEY}/block0_values", block)  # page-aligned: read_h5_block maps it
 
 
-
 def read_h5(path: Path) -> pd.DataFrame:
     """``pd.read_hdf(path, "data")`` with the stored row-major block as it is (:func:`read_h5_block`):
     pandas ≥ 3 copies a fixed-format block into column-major order on read (2 s and a second 1 GB at
