@@ -378,6 +378,37 @@ def test_a_shared_view_is_the_same_database_state_on_a_second_connection(market_
     reader.engine.dispose()
 
 
+def test_fingerprints_are_their_documented_definition(market_db):
+    """The server's per-instrument fingerprint (evaluated in few aggregates, ``reader._weighted_sums``)
+    equals the definition computed here row by row with Python integers: Σ (1·open + 3·high + 7·low +
+    13·close + 17·volume + 19·amount + 41·raw close) × (days since 1990-01-01 + 1), a NULL adding nothing —
+    over the old part, the new part and both."""
+    engine = create_db_engine(market_db)
+    with engine.begin() as conn:
+        codes = conn.exec_driver_sql("SELECT DISTINCT ts_code FROM market.kline_daily_qfq ORDER BY 1 LIMIT 3").scalars().all()
+        conn.exec_driver_sql("ALTER TABLE market.kline_daily_qfq ALTER COLUMN volume_hand DROP NOT NULL")
+        conn.exec_driver_sql(f"UPDATE market.kline_daily_qfq SET volume_hand = NULL, amount_li = 2^62 + 12345 "
+                             f"WHERE ts_code = '{codes[0]}' AND trade_date = '2022-03-02'")
+        bars = conn.exec_driver_sql(
+            "SELECT b.ts_code, b.trade_date - DATE '1990-01-01' + 1, b.open_li, b.high_li, b.low_li, b.close_li, "
+            "b.volume_hand, b.amount_li, r.close_li FROM market.kline_daily_qfq b LEFT JOIN market.kline_daily_raw r "
+            "USING (ts_code, trade_date) WHERE b.ts_code = ANY(%(c)s) AND b.trade_date BETWEEN %(s)s AND %(e)s",
+            {"c": codes, "s": START, "e": date(2022, 6, 30)}).all()
+    split, weights = (date(2022, 3, 31) - date(1990, 1, 1)).days + 1, (1, 3, 7, 13, 17, 19, 41)
+    expected = {(c, part): 0 for c in codes for part in ("old", "all")}
+    for code, day, *values in bars:
+        row = sum(w * (v or 0) for w, v in zip(weights, values)) * day
+        expected[code, "all"] += row
+        if day <= split:
+            expected[code, "old"] += row
+    reader = DBReader(engine, DEMO_MAPPING, market_db)
+    with reader.session() as s:
+        sums = s.checksums(START, date(2022, 3, 31), date(2022, 6, 30), codes)
+    assert {(c, part): int(sums.loc[c, f"sum_{part}"]) for c in codes for part in ("old", "all")} == expected
+    assert expected[codes[0], "old"] > 2**62  # the int8 split into halves was exercised
+    reader.engine.dispose()
+
+
 def test_key_join_of_the_bulk_read_equals_the_view(market_db):
     """The reader joins the source tables on (ts_code, trade_date) in Python; ``market.daily_features`` joins
     the same SELECTs in SQL. Equal, value for value, also where the join is unusual: a raw close of 0 (factor
