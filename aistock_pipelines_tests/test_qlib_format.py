@@ -99,11 +99,12 @@ def test_an_instrument_missing_a_current_bin_is_written_anew(tmp_path):
 
 
 def test_recycled_folders_are_extended_where_they_are_and_never_write_into_other_inodes(tmp_path):
-    """A stale version's instrument folders are moved into the new version. A file there that is the
+    """A stale version's ``features`` folder becomes the new version's (one rename). A file there that is the
     current version's inode is extended in place (no new link); a file that is not (the stale version had
     other bytes, e.g. before a restatement) is replaced by a link, its inode untouched; a missing file is
-    linked; an instrument without a stale folder gets a new one. The result equals fresh bins, and what the
-    current version reads is unchanged."""
+    linked; an instrument without a stale folder gets a new one, and a stale folder of an instrument the
+    new version does not have is deleted. The result equals fresh bins, and what the current version
+    reads is unchanged."""
     calendar = [date(2020, 1, 1) + timedelta(days=i) for i in range(60)]
     names = ["sh600000", "sz000001", "sz000002"]
     whole = panel(calendar, names, {(55, "sz000002")})
@@ -121,10 +122,13 @@ def test_recycled_folders_are_extended_where_they_are_and_never_write_into_other
     (stale / "sh600000" / "close.day.bin").unlink()
     kept = tmp_path / "kept"  # a second name for that inode: the folder holding ``other`` is moved
     os.link(other, kept)
+    (stale / "sz999999").mkdir()
+    (stale / "sz999999" / "close.day.bin").write_bytes(b"\x00" * 8)
     reuse = qlib_format.BinReuse(current, {n: (0, 49) for n in names}, rewrite=set(), recycle=stale)
     assert qlib_format.write_bins(extended, whole, calendar, ["close", "volume"], reuse=reuse) == 6
     qlib_format.write_bins(fresh, whole, calendar, ["close", "volume"])
-    assert not (stale / "sh600000").exists() and not (stale / "sz000001").exists(), "folders moved, not copied"
+    assert not stale.exists(), "the folder moved, not copied"
+    assert sorted(p.name for p in extended.iterdir()) == names
     for rel in before:
         assert (extended / rel).read_bytes() == (fresh / rel).read_bytes(), rel
         assert os.stat(extended / rel).st_ino == os.stat(current / rel).st_ino, rel

@@ -15,7 +15,7 @@ The version a swap replaces stays until the next export of the snapshot writes, 
 crash leftovers) in a background thread beside its own writing (:meth:`SnapshotWriter.write`): a reader
 that resolved the old path — a backtest running through the daily export — keeps reading complete files,
 and unlinking is off the export's critical path. An incremental export even recycles that version's
-instrument folders for its bins (:class:`qlib_format.BinReuse`). An exclusive ``flock`` keeps two writers
+``features`` folder for its bins (:class:`qlib_format.BinReuse`). An exclusive ``flock`` keeps two writers
 off one snapshot.
 """
 
@@ -305,7 +305,7 @@ class SnapshotWriter:
         named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)  # bins are named by field
         qlib_format.write_instruments(version / "instruments" / "all.txt", qlib_format.instrument_spans(named, calendar))
 
-        # An incremental export recycles the newest stale version's instrument folders (BinReuse.recycle);
+        # An incremental export recycles the newest stale version's features folder (BinReuse.recycle);
         # that version is deleted only once the bins are written, the others right away.
         recycle = (max((p for p in stale if (p / "features").is_dir()), default=None)
                    if rewrite is not None and options.qlib_bins else None)
