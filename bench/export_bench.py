@@ -32,6 +32,8 @@ that did only this, read with ``os.wait4`` per child), against the same database
 * **verify** — a fresh full export after the incrementals, compared with the incremental snapshot: equal
   ``daily_pv.h5`` frames and byte-equal Qlib bins (a correctness check at scale, not timed).
 
+Baseline, full and limit runs are interleaved in rounds (a baseline while any are due, a full export per
+variant, a limit), so each ratio compares measurements taken minutes apart, not a whole bench apart.
 Times are medians over ``--repeat`` runs (baseline: ``--baseline-repeat``). Results: a markdown table on
 stdout and a small JSON file under ``bench/results/`` (git-ignored).
 
@@ -366,6 +368,11 @@ def machine_facts() -> dict:
             "kernel": platform.release(), "loadavg_start": os.getloadavg()}
 
 
+def fmt_s(xs: list[float]) -> str:
+    """A measurement's seconds for the log ("n/a" when it was not taken)."""
+    return f"{median(xs):.1f} s" if xs else "n/a"
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -476,45 +483,53 @@ def main(argv: list[str] | None = None) -> int:
             """The last full run's snapshot: the limit reads its h5, the incremental runs extend it."""
             return f"bench_{variant}_{args.repeat - 1}"
 
+        # Rounds: each round runs one baseline (while any are due), one full export per variant and one limit
+        # measurement, so every ratio compares measurements taken minutes apart — on this VM the references
+        # alone drifted 30–50 % over a session (limit 8.9–13.5 s, baseline 78–97 s; docs/performance.md).
+        # Each full run creates its own snapshot and none is deleted before the end: on ext4 without a
+        # journal (this VM's disk) every new inode first skips, one lookup each, the inodes freed in the last
+        # ~35 s — 84,000 bins written right after deleting 84,000 took 3–6× longer.
         if "baseline" not in skip:
             res["baseline"] = []
-            for i in range(baseline_repeat):
+        if "full" not in skip:
+            res["file_creation_us"] = settle_file_system(root)
+            log(f"file creation probe: {res['file_creation_us'][-1]:.0f} µs per file")
+            res["full"] = {v: [] for v in variants}
+        for i in range(max(args.repeat, 0 if "baseline" in skip else baseline_repeat)):
+            if "baseline" not in skip and i < baseline_repeat:
                 log(f"baseline {i + 1}/{baseline_repeat}: pandas.read_sql + to_hdf")
                 res["baseline"].append(run_worker("baseline", {"url": url, "variant": main_variant,
                                                                "out_h5": str(root / "baseline.h5")}, tmp, f"baseline{i}"))
                 log(f"  {res['baseline'][-1]['seconds']:.1f} s")
-        if "full" not in skip:
-            res["file_creation_us"] = settle_file_system(root)
-            log(f"file creation probe: {res['file_creation_us'][-1]:.0f} µs per file")
-            res["full"] = {}
-            for v in variants:
-                res["full"][v] = []
-                for i in range(args.repeat):
-                    # Each run creates its own snapshot and none is deleted before the end: on ext4 without a
-                    # journal (this VM's disk) every new inode first skips, one lookup each, the inodes freed
-                    # in the last ~35 s — 84,000 bins written right after deleting 84,000 took 3–6× longer.
-                    log(f"full {v} {i + 1}/{args.repeat}")
-                    r = run_worker("full", {"url": url, "root": str(root), "snapshot_id": f"bench_{v}_{i}", "variant": v},
-                                   tmp, f"full_{v}{i}")
-                    res["full"][v].append(r)
-                    log(f"  {r['seconds']:.1f} s, {r['rows']:,} rows, peak RSS {r['peak_rss_mb_wait4']:.0f} MB")
-                snap = root / kept(v)
-                res["full"][v][-1]["snapshot_bytes"] = {
-                    "daily_pv.h5": (snap / "daily_pv.h5").stat().st_size,
-                    "features": sum(f.stat().st_size for f in (snap / "features").rglob("*.bin")),
-                    "bin_files": sum(1 for _ in (snap / "features").rglob("*.bin"))}
-        if "limit" not in skip:
-            h5 = root / kept(main_variant) / "daily_pv.h5"
-            if not h5.exists():
-                log("limit needs the full export's daily_pv.h5: skipped (run without --skip full)")
-            else:
-                log(f"limit: COPY … TO '/dev/null' and to_hdf, {args.repeat} runs")
-                res["limit"] = run_worker("limit", {"url": url, "variant": main_variant, "repeat": args.repeat,
-                                                    "h5_source": str(h5), "out_h5": str(root / "limit.h5")},
-                                          tmp, "limit")
-                log(f"  COPY server {median(res['limit']['runs']['copy_server']):.1f} s (SQL join {median(res['limit']['runs']['copy_join_server']):.1f} s), "
-                    f"STDOUT {median(res['limit']['runs']['copy_stdout']):.1f} s, "
-                    f"to_hdf {median(res['limit']['runs']['to_hdf']):.1f} s")
+            if i >= args.repeat:
+                continue
+            for v in variants if "full" not in skip else []:
+                log(f"full {v} {i + 1}/{args.repeat}")
+                r = run_worker("full", {"url": url, "root": str(root), "snapshot_id": f"bench_{v}_{i}", "variant": v},
+                               tmp, f"full_{v}{i}")
+                res["full"][v].append(r)
+                log(f"  {r['seconds']:.1f} s, {r['rows']:,} rows, peak RSS {r['peak_rss_mb_wait4']:.0f} MB")
+            if "limit" not in skip:
+                h5 = root / f"bench_{main_variant}_{i}" / "daily_pv.h5"
+                if not h5.exists():
+                    log("limit needs the full export's daily_pv.h5: skipped (run without --skip full)")
+                    continue
+                log(f"limit {i + 1}/{args.repeat}: COPY … TO '/dev/null' and to_hdf")
+                r = run_worker("limit", {"url": url, "variant": main_variant, "repeat": 1, "h5_source": str(h5),
+                                         "out_h5": str(root / "limit.h5")}, tmp, f"limit{i}")
+                if "limit" not in res:
+                    res["limit"] = r
+                else:
+                    for key, xs in r["runs"].items():
+                        res["limit"]["runs"][key] += xs
+                log(f"  COPY server {fmt_s(r['runs']['copy_server'])} (SQL join {fmt_s(r['runs']['copy_join_server'])}), "
+                    f"STDOUT {fmt_s(r['runs']['copy_stdout'])}, to_hdf {fmt_s(r['runs']['to_hdf'])}")
+        for v in variants if "full" not in skip else []:
+            snap = root / kept(v)
+            res["full"][v][-1]["snapshot_bytes"] = {
+                "daily_pv.h5": (snap / "daily_pv.h5").stat().st_size,
+                "features": sum(f.stat().st_size for f in (snap / "features").rglob("*.bin")),
+                "bin_files": sum(1 for _ in (snap / "features").rglob("*.bin"))}
         if "incremental" not in skip and "full" not in skip:
             res["advance"], res["incremental"] = [], {v: [] for v in variants}
             for i in range(args.repeat):
