@@ -198,8 +198,12 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
         buf = np.full((len(files), last - first + 2), np.nan, dtype="<f4")
         buf[:, 0] = np.float32(first)
         buf[:, 1 + (p - first)] = np.take(block, selected, axis=0)[:, take].T  # float64 → float32 on assignment
-        for i, file in enumerate(files):
-            _write_bytes(f"{target}/{file}", buf[i].tobytes())
+        folder_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)  # one path walk per instrument, not per file
+        try:
+            for i, file in enumerate(files):
+                _write_bytes(folder_fd, file, buf[i])
+        finally:
+            os.close(folder_fd)
 
     def extend(a: int, b: int, first: int, old_last: int) -> bool:
         """Link the current files and append this instrument's new days; False if any file cannot be
@@ -385,14 +389,16 @@ def _recycled_file(src_dir: int, dst_dir: int, name: str) -> tuple[int, int] | N
     return None
 
 
-def _write_bytes(path: Path | str, data: bytes) -> None:
-    """A new file, never a write into an existing one: a name left there may be a hard link whose inode
-    the current version shares (a failed extension, a recycled folder)."""
+def _write_bytes(folder_fd: int, name: str, data: np.ndarray) -> None:
+    """A new file ``name`` in an open folder holding ``data`` (a contiguous array, written without a copy),
+    never a write into an existing file: a name left there may be a hard link whose inode the current
+    version shares (a failed extension, a recycled folder)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(name, flags, 0o644, dir_fd=folder_fd)
     except FileExistsError:
-        os.unlink(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.unlink(name, dir_fd=folder_fd)
+        fd = os.open(name, flags, 0o644, dir_fd=folder_fd)
     try:
         os.write(fd, data)
     finally:
