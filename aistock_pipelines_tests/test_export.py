@@ -378,6 +378,31 @@ def test_a_shared_view_is_the_same_database_state_on_a_second_connection(market_
     reader.engine.dispose()
 
 
+def test_a_view_that_cannot_be_shared_is_fingerprinted_first_with_the_same_result(exported, monkeypatch):
+    """A server that refuses to export the read's snapshot (``session(shared=True)`` leaves ``snapshot``
+    None): the full export computes the fingerprints first, on its own connection, and then reads — the
+    same file and the same stored fingerprints as an export whose fingerprints ran beside the read."""
+    from aistock_pipelines.export import exporter as exporter_module
+
+    ex, _, path = exported
+    before, states = read_h5(path), ex.meta.load("demo")
+    session = DBReader.session
+    monkeypatch.setattr(DBReader, "session", lambda self, conn=None, *, shared=False, snapshot=None:
+                        session(self, conn, snapshot=snapshot))  # never shared
+
+    def beside(*args):
+        raise AssertionError("the fingerprints ran beside the read although the view was not shared")
+
+    monkeypatch.setattr(exporter_module, "_checksums_in", beside)
+    result = ex.export_full("demo", START)
+    assert result.timings["checksums"] > 0 and result.rows == len(before)
+    pd.testing.assert_frame_equal(read_h5(path), before, check_exact=True)
+    again = ex.meta.load("demo")
+    assert {c: (st.rows, st.checksum, st.first_datetime, st.last_datetime) for c, st in again.items()} == \
+        {c: (st.rows, st.checksum, st.first_datetime, st.last_datetime) for c, st in states.items()}
+    assert {st.export_id for st in again.values()} == {result.export_id}
+
+
 def test_fingerprints_are_their_documented_definition(market_db):
     """The server's per-instrument fingerprint (evaluated in few aggregates, ``reader._weighted_sums``)
     equals the definition computed here row by row with Python integers: Σ (1·open + 3·high + 7·low +
