@@ -489,8 +489,8 @@ class _KeyJoin:
         done = {name for s in self.selects[:i + 1] for name in s.names}
         if self.derived:
             done |= set(self.resolved.derived_fields)
-        elif self.resolved.mapping.has_factor:
-            done -= {SourceSelect.RATIO, "volume"}  # numerators still (volume is divided by factor)
+        else:  # the ratio is a numerator still, and what _derive writes is not written yet
+            done -= {SourceSelect.RATIO, *_derived_columns(self.resolved)}
         ready = [name for name in self.names if name in done and name not in self.reported]
         if ready:
             self.reported.update(ready)
@@ -638,9 +638,14 @@ def _assemble(date_codes: np.ndarray, date_levels: np.ndarray, inst_codes: np.nd
     return block, index, names
 
 
+def _derived_columns(resolved: ResolvedMapping) -> tuple[str, ...]:
+    """The columns :func:`_derive` writes."""
+    return ("change", "volume", "vwap") if resolved.mapping.has_factor else ("change",)
+
+
 def _derive(block: np.ndarray, at: dict[str, int], resolved: ResolvedMapping) -> None:
-    """The derived columns, in place, on a block whose ``volume`` still holds the SELECT's raw shares:
-    the one definition for database and live rows alike."""
+    """The derived columns (:func:`_derived_columns`), in place, on a block whose ``volume`` still holds
+    the SELECT's raw shares: the one definition for database and live rows alike."""
     block[:, at["change"]] = np.nan
     if resolved.mapping.has_factor:
         # Qlib convention: $volume × $factor = raw shares, $vwap is the adjusted average price.
