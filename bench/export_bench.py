@@ -168,9 +168,9 @@ def work_baseline(p: dict) -> dict:
 
 
 def work_limit(p: dict) -> dict:
-    """Repeats inside one process: the server's COPY of the exporter's per-table SELECTs (and, for reference,
-    of the SQL join), the same COPY TO STDOUT discarded, to_hdf of the exported frame."""
-    import pandas as pd
+    """One round of the limit (the driver runs one per round and merges the ``runs``): the server's COPY of
+    the exporter's per-table SELECTs (and, for reference, of the SQL join), the same COPY TO STDOUT
+    discarded, to_hdf of the exported frame."""
     import psycopg
     import sqlalchemy as sa
 
@@ -184,33 +184,30 @@ def work_limit(p: dict) -> dict:
         for statement, params in prepare:
             sa_conn.execute(sa.text(statement), params)
         conn = sa_conn.connection.driver_connection
-        for _ in range(p["repeat"]):
-            if server_side_error is None:
-                try:
-                    for key, queries in (("copy_server", tables), ("copy_join_server", [join])):
-                        t = time.perf_counter()
-                        for sql in queries:
-                            conn.execute(f"COPY ({sql}) TO '/dev/null' (FORMAT binary)")
-                        runs[key].append(time.perf_counter() - t)
-                except psycopg.errors.InsufficientPrivilege as e:
-                    server_side_error = str(e).splitlines()[0]
-            t = time.perf_counter()
-            n_bytes = 0
-            with conn.cursor() as cur:
-                for sql in tables:
-                    with cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT binary)") as copy:
-                        for block in copy:
-                            n_bytes += len(block)
-            runs["copy_stdout"].append(time.perf_counter() - t)
+        try:
+            for key, queries in (("copy_server", tables), ("copy_join_server", [join])):
+                t = time.perf_counter()
+                for sql in queries:
+                    conn.execute(f"COPY ({sql}) TO '/dev/null' (FORMAT binary)")
+                runs[key].append(time.perf_counter() - t)
+        except psycopg.errors.InsufficientPrivilege as e:
+            server_side_error = str(e).splitlines()[0]
+        t = time.perf_counter()
+        n_bytes = 0
+        with conn.cursor() as cur:
+            for sql in tables:
+                with cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT binary)") as copy:
+                    for block in copy:
+                        n_bytes += len(block)
+        runs["copy_stdout"].append(time.perf_counter() - t)
     from aistock_pipelines.export.snapshot_writer import read_h5
 
     frame = read_h5(Path(p["h5_source"]))  # the exported frame as the exporter holds it (row-major block)
     out = Path(p["out_h5"])
-    for _ in range(p["repeat"]):
-        t = time.perf_counter()
-        frame.to_hdf(out, key="data", mode="w", format="fixed")
-        runs["to_hdf"].append(time.perf_counter() - t)
-        out.unlink()
+    t = time.perf_counter()
+    frame.to_hdf(out, key="data", mode="w", format="fixed")
+    runs["to_hdf"].append(time.perf_counter() - t)
+    out.unlink()
     return {"runs": runs, "copy_binary_bytes": n_bytes, "rows": len(frame), "columns": frame.shape[1],
             "server_side_error": server_side_error}
 
@@ -515,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                     log("limit needs the full export's daily_pv.h5: skipped (run without --skip full)")
                     continue
                 log(f"limit {i + 1}/{args.repeat}: COPY … TO '/dev/null' and to_hdf")
-                r = run_worker("limit", {"url": url, "variant": main_variant, "repeat": 1, "h5_source": str(h5),
+                r = run_worker("limit", {"url": url, "variant": main_variant, "h5_source": str(h5),
                                          "out_h5": str(root / "limit.h5")}, tmp, f"limit{i}")
                 if "limit" not in res:
                     res["limit"] = r
