@@ -228,6 +228,35 @@ def test_a_history_that_lost_a_day_is_merged_and_equals_a_fresh_export(exported,
     engine.dispose()
 
 
+def test_bins_written_before_the_restatements_are_known_leave_the_current_version_intact(exported, market_db, tmp_path):
+    """An incremental export has every bin extended from the current version's files while the server still
+    computes the fingerprints — restated instruments' too, through links to the current version's inodes.
+    The current version (which a backtest may be reading) keeps its values; the new one has the restated
+    ones; an instrument gone from the database loses its folder."""
+    ex, _, path = exported
+    engine = create_db_engine(market_db)
+    previous = path.resolve()
+    before = read_h5(previous)
+    old_bins = {p.relative_to(previous): p.read_bytes() for p in (previous / "features").rglob("*.bin")}
+    with engine.begin() as conn:
+        gone = conn.exec_driver_sql("SELECT max(ts_code) FROM market.kline_daily_qfq").scalar_one()
+        for table in ("kline_daily_qfq", "kline_daily_raw", "daily_basic", "moneyflow"):
+            conn.exec_driver_sql(f"DELETE FROM market.{table} WHERE ts_code = %(c)s", {"c": gone})
+    adv = advance_market(engine, events=3)
+    got = ex.export_incremental("demo")
+    assert set(adv.restated) <= set(got.restated) and gone in got.restated and got.applied == "merge"
+    assert path.resolve() != previous and previous.exists()
+    pd.testing.assert_frame_equal(read_h5(previous), before, check_exact=True)
+    for name, data in old_bins.items():  # extended in place, perhaps: the old bytes are a prefix
+        assert (previous / name).read_bytes()[:len(data)] == data, name
+    assert not (path / "features" / gone.lower()).exists() and gone not in (path / "instruments" / "all.txt").read_text()
+    ex.export_full("fresh", START)
+    fresh = {p.relative_to(tmp_path / "fresh"): p.read_bytes() for p in (tmp_path / "fresh" / "features").rglob("*.bin")}
+    assert {p.relative_to(path): p.read_bytes() for p in (path / "features").rglob("*.bin")} == fresh
+    assert json.loads((path / "meta.json").read_text())["files"]["bins"] == len(fresh)
+    engine.dispose()
+
+
 def test_incremental_is_idempotent(exported, market_db):
     ex, result, path = exported
     advance_market(create_db_engine(market_db), events=2)

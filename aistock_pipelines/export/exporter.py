@@ -1,14 +1,15 @@
 """QlibDailyExporter (seed §5.6): full and incremental exports, restatement-safe, atomic.
 
 Incremental export in one consistent database view:
-1. per-instrument fingerprints of the already exported range are recomputed by the server and compared
-   with ``market.qlib_export_meta``: a mismatch means the instrument's history was restated (ex-dividend
-   in qfq data) or corrected;
-2. only the new trading days, plus the full history of restated instruments, are read;
-3. the new frame = old rows of untouched instruments + those reads; ``change`` is recomputed on it. When the
-   restated histories have the days they had (a restatement changes values, not days), that happens in the
-   stored block itself: read with spare rows, restated rows overwritten, new days appended
-   (:func:`frames.patch_sorted`); otherwise by a merge into a new block;
+1. the new trading days are read and appended to the stored block (read with a spare row per new bar);
+   meanwhile per-instrument fingerprints of the already exported range are recomputed by the server and
+   compared with ``market.qlib_export_meta``: a mismatch means the instrument's history was restated
+   (ex-dividend in qfq data) or corrected. Every bin is extended from the current version's files while the
+   server works, before the restated instruments are known;
+2. the full histories of the restated instruments are read — so only the new days and those are read;
+3. their rows are overwritten in the stored block and their ``change`` recomputed, when they have the
+   days they had (a restatement changes values, not days: :func:`frames.patch_sorted`); otherwise
+   everything is merged into a new block. Their bins are written anew;
 4. the files are swapped in atomically, then the meta rows are replaced.
 So after every run the snapshot equals a fresh full export of the same range (tests compare byte-equal
 frames). A changed declaration (mapping, options, universe, start) rebuilds in full instead of mixing rows.
@@ -248,71 +249,114 @@ class QlibDailyExporter:
             finally:
                 timings["read_snapshot"] = time.perf_counter() - t
 
-        with reader.session() as s, ThreadPoolExecutor(1, thread_name_prefix="read-snapshot") as pool:
-            new_end, days = self._effective_end(s, start, max(end or prev_end, prev_end) if end else None)
-            new_end = max(new_end, prev_end)
-            days = [d for d in days if d <= new_end]
-            # The stored block is read (with a spare row per new bar; too few only means a merge) by a second
-            # thread while this one reads the new days and the server computes the fingerprints: both
-            # threads wait on I/O with the GIL released (HDF5 is called without it: export/h5_values.py).
+        begun, ahead, current = None, None, None
+        try:
+            with reader.session() as s, ThreadPoolExecutor(2, thread_name_prefix="incremental") as pool:
+                new_end, days = self._effective_end(s, start, max(end or prev_end, prev_end) if end else None)
+                new_end = max(new_end, prev_end)
+                days = [d for d in days if d <= new_end]
+                # The stored block is read (with a spare row per new bar; too few only means a merge) by a
+                # second thread while this one reads the new days; then the server computes the fingerprints
+                # while this thread applies the new days to the stored block and has every bin written from
+                # that — before it is known which instruments were restated (their bins are rewritten after).
+                # Every thread waits on I/O or system calls with the GIL released (HDF5 is called without it:
+                # export/h5_values.py).
+                t = time.perf_counter()
+                n_new = s.count_bars(prev_end, new_end, universe) if new_end > prev_end else 0
+                stored = pool.submit(read_stored, n_new) if n_new else None
+                new_rows = s.load_daily(universe, prev_end + timedelta(days=1), new_end) if n_new else None
+                read_s = time.perf_counter() - t
+                sums = pool.submit(_timed, s.checksums, start, prev_end, new_end, universe)
+                wait_s = 0.0
+                if stored is not None:
+                    check_gates(new_rows, set(days))  # the stored rows passed them when they were exported
+                    t = time.perf_counter()
+                    stored = stored.result()
+                    wait_s = time.perf_counter() - t
+                    t = time.perf_counter()
+                    current = self._with_new_days(stored, new_rows, prev_end, options)
+                    if current is not None and options.qlib_bins:
+                        begun = self.writer.begin(snapshot_id)
+                        ahead = self.writer.bins_ahead(snapshot_id, begun, current, days)
+                    timings["frame"] = time.perf_counter() - t
+                sums, check_s = sums.result()
+                restated = sorted(_restated(sums, states) if trust_states else set(sums.index) | set(states))
+                t = time.perf_counter()
+                history = s.load_daily(restated, start, new_end) if restated else None
+                read_s += time.perf_counter() - t
+                rows_read = s.rows_read
+            if not restated and new_rows is None:
+                return ExportResult(snapshot_id, "unchanged", start, prev_end, self.writer.path(snapshot_id),
+                                    instruments=meta["instrument_count"], rows=meta["row_count"],
+                                    sha256=meta["daily_pv_sha256"], export_id=meta["export_id"], rows_read=rows_read,
+                                    timings={"checksums": check_s, "read_db": read_s, "total": time.perf_counter() - t0})
+            if history is not None:
+                check_gates(history, set(days))
+            if ahead is not None:
+                t = time.perf_counter()
+                ahead.wait()  # the bins are read from the block the restated histories are written into next
+                timings["wait_bins_ahead"] = time.perf_counter() - t
             t = time.perf_counter()
-            n_new = s.count_bars(prev_end, new_end, universe) if new_end > prev_end else 0
-            stored = pool.submit(read_stored, n_new) if n_new else None
-            new_rows = s.load_daily(universe, prev_end + timedelta(days=1), new_end) if new_end > prev_end else None
-            read_s = time.perf_counter() - t
-            t = time.perf_counter()
-            sums = s.checksums(start, prev_end, new_end, universe)
-            check_s = time.perf_counter() - t
-            restated = sorted(_restated(sums, states) if trust_states else set(sums.index) | set(states))
-            t = time.perf_counter()
-            history = s.load_daily(restated, start, new_end) if restated else None
-            read_s += time.perf_counter() - t
-            rows_read = s.rows_read
-            t = time.perf_counter()
-            stored = stored.result() if stored is not None else None
-            wait_s = time.perf_counter() - t
-        if not restated and (new_rows is None or new_rows.empty):
-            return ExportResult(snapshot_id, "unchanged", start, prev_end, self.writer.path(snapshot_id),
-                                instruments=meta["instrument_count"], rows=meta["row_count"],
-                                sha256=meta["daily_pv_sha256"], export_id=meta["export_id"], rows_read=rows_read,
-                                timings={"checksums": check_s, "read_db": read_s, "total": time.perf_counter() - t0})
-        # The stored rows passed the gates when they were exported; only the rows read now are checked.
-        for part in (new_rows, history):
-            if part is not None:
-                check_gates(part, set(days))
-        if stored is None:  # restatements only, no new day
-            stored = read_stored(0)
-        t = time.perf_counter()
-        ext, n_old, rewritten, applied = self._updated(snapshot_id, stored, new_rows, history, restated, prev_end, options)
-        del stored
-        if not frames.strictly_sorted(ext.index):  # the parts are disjoint by construction; never write if not
-            raise DataGateError("internal consistency: the merged snapshot has duplicate (date, instrument) rows; "
-                                "run a full export")
-        frame_s = time.perf_counter() - t
-        result = self._commit(snapshot_id, "incremental", start, new_end, universe, options, resolved, ext, days, sums,
-                              restated=restated, rows_added=len(ext) - n_old + rewritten,
-                              rows_rewritten=rewritten, rows_read=rows_read, applied=applied)
+            if not n_new:  # restatements only
+                stored = read_stored(0)
+                if stored is not None:
+                    current = pd.DataFrame(stored[0], index=stored[1], columns=stored[2], copy=False)
+            block = None if current is None else stored[0][:len(current)]
+            ext, n_old, rewritten, applied = self._updated(snapshot_id, block, current, new_rows, history, restated,
+                                                           new_end, options)
+            del stored, block, current
+            if not frames.strictly_sorted(ext.index):  # the parts are disjoint by construction; never write if not
+                raise DataGateError("internal consistency: the merged snapshot has duplicate (date, instrument) "
+                                    "rows; run a full export")
+            if ahead is not None and restated:
+                ahead.rewrite(ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1),
+                              set(qlib_format.instrument_names(restated, options.instruments)))
+            timings["frame"] = timings.get("frame", 0.0) + time.perf_counter() - t
+            result = self._commit(snapshot_id, "incremental", start, new_end, universe, options, resolved, ext, days,
+                                  sums, restated=restated, rows_added=len(ext) - n_old + rewritten,
+                                  rows_rewritten=rewritten, rows_read=rows_read, applied=applied,
+                                  begun=begun, bins_beside=ahead)
+        except BaseException:
+            if ahead is not None:
+                ahead.close()  # the version stays a crash leftover, deleted by the next writing export
+            raise
         result.timings = {"checksums": check_s, "read_db": read_s, **timings, "wait_snapshot": wait_s,
-                          "frame": frame_s, **result.timings, "total": time.perf_counter() - t0}
+                          **result.timings, "total": time.perf_counter() - t0}
         return result
 
-    def _updated(self, snapshot_id: str, stored: tuple[np.ndarray, pd.MultiIndex, list[str]] | None,
-                 new_rows: pd.DataFrame | None, history: pd.DataFrame | None, restated: list[str], prev_end: date,
+    @staticmethod
+    def _with_new_days(stored: tuple[np.ndarray, pd.MultiIndex, list[str]] | None, new_rows: pd.DataFrame,
+                       prev_end: date, options: SnapshotOptions) -> pd.DataFrame | None:
+        """The stored block with every instrument's new days appended in its spare rows (rounded, sorted;
+        ``change`` from the last stored close: :func:`frames.patch_sorted`), or None — the block untouched —
+        when it cannot take them (then :meth:`_merged`)."""
+        if stored is None:
+            return None
+        delta = external_frame(frames.merge_sorted([(new_rows, None)], dtype=options.dtype), options)
+        return frames.patch_sorted(*stored, delta, set(), np.datetime64(prev_end, "ns"))
+
+    def _updated(self, snapshot_id: str, block: np.ndarray | None, current: pd.DataFrame | None,
+                 new_rows: pd.DataFrame | None, history: pd.DataFrame | None, restated: list[str], new_end: date,
                  options: SnapshotOptions) -> tuple[pd.DataFrame, int, int, str]:
-        """The snapshot's new frame in the file's shape: the restated histories whole and everyone else's new
-        days (rounded, sorted) applied to the stored block in place (:func:`frames.patch_sorted`), or merged
-        into a new block when a restated history's days changed (:meth:`_merged`). Returns (frame, stored
-        rows, stored rows replaced, ``"in place"`` | ``"merge"``)."""
-        delta = [] if new_rows is None else [(new_rows, ~frames.instrument_mask(new_rows.index, restated))]
-        delta += [] if history is None else [(history, None)]
-        delta = external_frame(frames.merge_sorted(delta, dtype=options.dtype), options)
-        split = np.datetime64(prev_end, "ns")
-        replaced = set(qlib_format.instrument_names(restated, options.instruments))
-        ext = None if stored is None else frames.patch_sorted(*stored, delta, replaced, split)
-        if ext is not None:
-            n_old = len(stored[1])
-            return ext, n_old, len(delta) - (len(ext) - n_old), "in place"  # delta's other rows overwrote stored ones
-        return (*self._merged(snapshot_id, new_rows, history, restated, options), "merge")
+        """The snapshot's new frame in the file's shape. ``current``: the stored frame with the new days
+        appended (:meth:`_with_new_days`; None: they could not be), its values the rows of ``block`` (ours to
+        write). The restated histories (every row up to ``new_end``) overwrite their instruments' rows in
+        place (:func:`frames.patch_sorted`), or — a restated history whose days changed — everything is
+        merged into a new block (:meth:`_merged`). Returns (frame, stored rows, stored rows replaced,
+        ``"in place"`` | ``"merge"``)."""
+        n_new = 0 if new_rows is None else len(new_rows)
+        ext = current
+        if current is not None and history is not None:
+            delta = external_frame(frames.merge_sorted([(history, None)], dtype=options.dtype), options)
+            replaced = set(qlib_format.instrument_names(restated, options.instruments))
+            ext = frames.patch_sorted(block, current.index, list(current.columns), delta, replaced,
+                                      np.datetime64(new_end, "ns"))
+        if ext is None:
+            return (*self._merged(snapshot_id, new_rows, history, restated, options), "merge")
+        # the restated histories' rows after the previous end are new days, appended with the others
+        restated_new = 0 if new_rows is None else int(frames.instrument_mask(new_rows.index, restated).sum())
+        rewritten = 0 if history is None else len(history) - restated_new
+        return ext, len(ext) - n_new, rewritten, "in place"
 
     def _merged(self, snapshot_id: str, new_rows: pd.DataFrame | None, history: pd.DataFrame | None,
                 restated: list[str], options: SnapshotOptions) -> tuple[pd.DataFrame, int, int]:

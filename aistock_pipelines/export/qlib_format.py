@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aistock_pipelines.export.frames import first_last_dates
+from aistock_pipelines.export.frames import first_last_dates, instrument_mask
 
 _EXCHANGES = ("SH", "SZ", "BJ")
 _BLOCK = 4096  # the file system block (and page) size bins are extended by
@@ -297,22 +297,26 @@ def _recycle(stale_features: Path | None, features_dir: Path) -> set[str]:
 
 class BinsBeside:
     """:func:`write_bins` for groups of fields, written one group after another by a background thread
-    while the caller goes on — a full export hands over each group of columns as its read makes them final
+    while the caller goes on. A full export hands over each group of columns as its read makes them final
     (``ReadSession.load_daily_block(on_ready=…)``), so most of its 84,000 files are written while the
-    server still sends the factor tables. The snapshot writer writes the remaining fields and waits here
-    (:meth:`result`) before anything is swapped in. ``style``: the snapshot's instrument naming."""
+    server still sends the factor tables; an incremental export hands over all fields at once, extended
+    from the current version (``reuse``) while the server computes the fingerprints, and then has the
+    restated instruments rewritten (:meth:`rewrite`). The snapshot writer writes any remaining fields and
+    waits here (:meth:`result`) before anything is swapped in.
 
-    def __init__(self, features_dir: Path, calendar: list[date], style: str) -> None:
-        self.features_dir, self.calendar, self.style = features_dir, calendar, style
+    ``style``: the naming :meth:`add` gives the frames' ts_code instruments (``"ts_code"``: none — also for
+    frames already in the file's naming)."""
+
+    def __init__(self, features_dir: Path, calendar: list[date], style: str, reuse: BinReuse | None = None) -> None:
+        self.features_dir, self.calendar, self.style, self.reuse = features_dir, calendar, style, reuse
         self.fields: list[str] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bins-beside")
         self._jobs: list = []
         self._plan: BinPlan | None = None
 
     def add(self, frame: pd.DataFrame, fields: list[str]) -> None:
-        """Write ``fields`` of ``frame`` (plain logical names; its instrument level in ts_code form, its
-        values as they will be exported — bins are float32, so a float64 value gives the same bytes as
-        its float32 rounding). ``frame`` must not change in these columns until :meth:`result`."""
+        """Write ``fields`` of ``frame`` (plain logical names; bins are float32, so a float64 value gives the
+        same bytes as its float32 rounding). ``frame`` must not change in these columns until :meth:`wait`."""
         if self.style != "ts_code":
             index = frame.index
             renamed = instrument_names(pd.Index(index.levels[1]), self.style)
@@ -323,18 +327,40 @@ class BinsBeside:
 
     def _write(self, frame: pd.DataFrame, fields: list[str]) -> int:
         # one plan for every group: the groups are columns of one block under one index
-        self._plan = self._plan if self._plan is not None else bin_plan(frame.index, self.calendar)
-        return write_bins(self.features_dir, frame, self.calendar, fields, workers=2, plan=self._plan)
+        self._plan = self._plan if self._plan is not None else bin_plan(frame.index, self.calendar, self.reuse)
+        return write_bins(self.features_dir, frame, self.calendar, fields, reuse=self.reuse, workers=2,
+                          plan=self._plan)
 
-    def result(self) -> int:
-        """Wait for every group; the files written (a failure in any group raises here)."""
+    def rewrite(self, frame: pd.DataFrame, names: set[str]) -> None:
+        """After :meth:`wait`: write the bins of instruments ``names`` anew from ``frame`` (named as the
+        folders are; plain field names), whose rows changed since they were handed over — an incremental
+        export's restated instruments — and delete the folders of those ``frame`` has no rows for. Their
+        files from the groups may be links to the current version's inodes: they are unlinked, never
+        written (:func:`_write_bytes`)."""
+        self._jobs.append(self._pool.submit(self._rewrite, frame, set(names)))
+
+    def _rewrite(self, frame: pd.DataFrame, names: set[str]) -> int:
+        rows = instrument_mask(frame.index, names)
+        present = set(map(str, frame.index.levels[1][np.unique(frame.index.codes[1][rows])])) if rows.any() else set()
+        n = write_bins(self.features_dir, frame[rows], self.calendar, self.fields) if present else 0
+        for gone in names - present:
+            shutil.rmtree(self.features_dir / gone.lower(), ignore_errors=True)
+        return n
+
+    def wait(self) -> None:
+        """Wait for the work handed over so far (a failure in it raises here); more may follow."""
+        for job in list(self._jobs):
+            job.result()
+
+    def result(self) -> None:
+        """Wait for everything handed over (a failure raises here), then stop the thread."""
         try:
-            return sum(job.result() for job in self._jobs)
+            self.wait()
         finally:
             self.close()
 
     def close(self) -> None:
-        """Drop the groups not started and wait for the one being written (the caller is failing)."""
+        """Drop the work not started and wait for the one under way (the caller is failing)."""
         for job in self._jobs:
             job.cancel()
         self._pool.shutdown(wait=True)

@@ -296,36 +296,37 @@ class SnapshotWriter:
         ``rewrite`` (incremental exports): the ts_codes whose history changed. Every other instrument's bins
         are hard links to the current version's files, extended in place by the new days
         (:func:`qlib_format.write_bins`); None writes every bin anew. ``begun``: the version's folder from
-        :meth:`begin`, with ``bins_beside`` writing some fields' bins there already (the rest are written
-        here; both are waited for before the swap)."""
+        :meth:`begin`, with ``bins_beside`` writing some fields' bins there already (:meth:`bins_ahead`: all
+        of them; the rest are written here; both are waited for before the swap)."""
         timings: dict[str, float] = {}
         begun = begun or self.begin(snapshot_id)
         version, stale = begun.path, begun.stale
         qlib_format.write_calendar(version / "calendars" / "day.txt", calendar)
         named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)  # bins are named by field
-        qlib_format.write_instruments(version / "instruments" / "all.txt", qlib_format.instrument_spans(named, calendar))
+        spans = qlib_format.instrument_spans(named, calendar)
+        qlib_format.write_instruments(version / "instruments" / "all.txt", spans)
 
+        written = bins_beside.fields if bins_beside is not None else []
+        remaining = [c for c in named.columns if c not in written] if options.qlib_bins else []
         # An incremental export recycles the newest stale version's features folder (BinReuse.recycle);
         # that version is deleted only once the bins are written, the others right away.
         recycle = (max((p for p in stale if (p / "features").is_dir()), default=None)
-                   if rewrite is not None and options.qlib_bins else None)
+                   if rewrite is not None and remaining else None)
 
-        def bins() -> int:
+        def bins() -> None:
             t = time.perf_counter()
-            reuse = None
-            if rewrite is not None:
-                reuse = self._bin_reuse(snapshot_id, calendar,
-                                        set(qlib_format.instrument_names(sorted(rewrite), options.instruments)),
-                                        recycle)
-            written = bins_beside.fields if bins_beside is not None else []
-            n = qlib_format.write_bins(version / "features", named, calendar,
-                                       [c for c in named.columns if c not in written], reuse=reuse)
-            timings["write_bins"] = time.perf_counter() - t
+            if remaining:
+                reuse = None
+                if rewrite is not None:
+                    reuse = self._bin_reuse(snapshot_id, calendar,
+                                            set(qlib_format.instrument_names(sorted(rewrite), options.instruments)),
+                                            recycle)
+                qlib_format.write_bins(version / "features", named, calendar, remaining, reuse=reuse)
+                timings["write_bins"] = time.perf_counter() - t
             if bins_beside is not None:
                 t = time.perf_counter()
-                n += bins_beside.result()
+                bins_beside.result()
                 timings["wait_bins_beside"] = time.perf_counter() - t
-            return n
 
         # The bins (tens of thousands of small files: system calls, the GIL free) are written by a second
         # thread while this one writes the HDF5 files and hashes daily_pv.h5 (large writes and reads, the
@@ -368,7 +369,9 @@ class SnapshotWriter:
             digest = sha256_file(version / "daily_pv.h5")
             timings["hash_h5"] = time.perf_counter() - t
             t = time.perf_counter()
-            n_bins = n_bins.result() if n_bins is not None else 0  # a failure in the bins raises here
+            if n_bins is not None:
+                n_bins.result()  # a failure in the bins raises here
+            n_bins = len(spans) * len(named.columns) if options.qlib_bins else 0  # a file per instrument and field
             timings["wait_bins"] = time.perf_counter() - t
             cleared.result()
 
@@ -385,6 +388,21 @@ class SnapshotWriter:
         self._swap(snapshot_id, version)  # the replaced version stays until the next export (module docstring)
         timings["swap"] = time.perf_counter() - t
         return self.path(snapshot_id), meta, timings
+
+    def bins_ahead(self, snapshot_id: str, begun: NewVersion, ext: pd.DataFrame,
+                   calendar: list[date]) -> "qlib_format.BinsBeside":
+        """Start writing every bin of ``ext`` (the file's frame) into ``begun``, in a background thread: each
+        instrument's files extended from the current version's (recycling the newest stale version's
+        ``features`` folder), as :meth:`write` does for an incremental export — but before the caller knows
+        which instruments were restated. It then has those rewritten (:meth:`qlib_format.BinsBeside.rewrite`,
+        after :meth:`~qlib_format.BinsBeside.wait`: ``ext`` must not change before) and passes the result
+        to :meth:`write` as ``bins_beside``. Caller holds :meth:`lock`."""
+        recycle = max((p for p in begun.stale if (p / "features").is_dir()), default=None)
+        reuse = self._bin_reuse(snapshot_id, calendar, set(), recycle)
+        named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)
+        ahead = qlib_format.BinsBeside(begun.path / "features", calendar, "ts_code", reuse=reuse)
+        ahead.add(named, list(named.columns))
+        return ahead
 
     def _bin_reuse(self, snapshot_id: str, calendar: list[date], rewrite: set[str],
                    recycle: Path | None) -> "qlib_format.BinReuse | None":
