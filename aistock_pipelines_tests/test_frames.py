@@ -52,3 +52,24 @@ def test_patch_refuses_changed_days_and_leaves_the_block_untouched():
     new_day = new_day[new_day.index.get_level_values(0) == pd.Timestamp("2024-01-05")]
     assert frames.patch_sorted(short, stored.index, ["close", "change"], new_day, set(),
                                np.datetime64("2024-01-04", "ns")) is None
+
+
+def test_new_days_then_restated_histories_in_two_patches_equal_one_merge():
+    """The incremental export's order: every instrument's new day first (before the restatements are
+    known), then the restated histories over the block that already holds the new day. A new instrument
+    ("ab") sorts among the stored ones, so their codes are renumbered."""
+    days, names = ["2024-01-02", "2024-01-03", "2024-01-04"], ["a", "b", "c"]
+    stored = frames.merge_sorted([(frame(days, names, {("2024-01-03", "c")}), None)], change=True)
+    everything = days + ["2024-01-05"]
+    new_day = frame(everything, ["a", "ab", "b", "c"])
+    new_day = new_day[new_day.index.get_level_values(0) == pd.Timestamp("2024-01-05")]
+    history = frame(everything, ["b"], scale=0.9)  # "b" restated, its new day included
+    block = np.full((len(stored) + len(new_day), 2), -1.0)
+    block[:len(stored)] = stored.to_numpy()
+    first = frames.patch_sorted(block, stored.index, ["close", "change"], new_day, set(), np.datetime64("2024-01-04", "ns"))
+    assert list(first.index.levels[1]) == ["a", "ab", "b", "c"] and first.index.codes[1].dtype == np.int8
+    got = frames.patch_sorted(block, first.index, ["close", "change"], history, {"b"}, np.datetime64("2024-01-05", "ns"))
+    want = frames.merge_sorted([(stored, stored.index.get_level_values(1) != "b"),
+                                (new_day, new_day.index.get_level_values(1) != "b"), (history, None)], change=True)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    assert got.loc[("2024-01-05", "b"), "change"] == history["close"].iloc[-1] / history["close"].iloc[-2] - 1
