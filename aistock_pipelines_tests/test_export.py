@@ -234,6 +234,7 @@ def test_bins_written_before_the_restatements_are_known_leave_the_current_versio
     The current version (which a backtest may be reading) keeps its values; the new one has the restated
     ones; an instrument gone from the database loses its folder."""
     ex, _, path = exported
+    assert ex.writer.map_values("demo", 1) is not None, "the bins ahead read a second mapping of the stored file"
     engine = create_db_engine(market_db)
     previous = path.resolve()
     before = read_h5(previous)

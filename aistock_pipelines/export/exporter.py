@@ -249,7 +249,7 @@ class QlibDailyExporter:
             finally:
                 timings["read_snapshot"] = time.perf_counter() - t
 
-        begun, ahead, current = None, None, None
+        begun, ahead, current, source = None, None, None, None
         try:
             with reader.session() as s, ThreadPoolExecutor(2, thread_name_prefix="incremental") as pool:
                 new_end, days = self._effective_end(s, start, max(end or prev_end, prev_end) if end else None)
@@ -277,7 +277,9 @@ class QlibDailyExporter:
                     current = self._with_new_days(stored, new_rows, prev_end, options)
                     if current is not None and options.qlib_bins:
                         begun = self.writer.begin(snapshot_id)
-                        ahead = self.writer.bins_ahead(snapshot_id, begun, current, days)
+                        source = self._bins_source(snapshot_id, stored, current)
+                        ahead = self.writer.bins_ahead(snapshot_id, begun, source if source is not None else current,
+                                                       days)
                     timings["frame"] = time.perf_counter() - t
                 sums, check_s = sums.result()
                 restated = sorted(_restated(sums, states) if trust_states else set(sums.index) | set(states))
@@ -292,7 +294,7 @@ class QlibDailyExporter:
                                     timings={"checksums": check_s, "read_db": read_s, "total": time.perf_counter() - t0})
             if history is not None:
                 check_gates(history, set(days))
-            if ahead is not None:
+            if ahead is not None and source is None:
                 t = time.perf_counter()
                 ahead.wait()  # the bins are read from the block the restated histories are written into next
                 timings["wait_bins_ahead"] = time.perf_counter() - t
@@ -323,6 +325,20 @@ class QlibDailyExporter:
         result.timings = {"checksums": check_s, "read_db": read_s, **timings, "wait_snapshot": wait_s,
                           **result.timings, "total": time.perf_counter() - t0}
         return result
+
+    def _bins_source(self, snapshot_id: str, stored: tuple[np.ndarray, pd.MultiIndex, list[str]],
+                     current: pd.DataFrame) -> pd.DataFrame | None:
+        """``current`` (the stored rows, then the new days) over a second mapping of the stored file, for the
+        bins written ahead: the restated histories can then be written into the stored block while those
+        bins are still being written, which keep reading the stored values wherever they rewrite bytes the
+        current version holds, as they must. None where the file cannot be mapped (then the bins are waited
+        for before the block changes)."""
+        block, n, total = stored[0], len(stored[1]), len(current)
+        twin = self.writer.map_values(snapshot_id, total - n)
+        if twin is None or twin.shape != (total, block.shape[1]) or twin.dtype != block.dtype:
+            return None
+        twin[n:] = block[n:total]  # the new days (the stored rows are the file's: _with_new_days only appends)
+        return pd.DataFrame(twin, index=current.index, columns=current.columns, copy=False)
 
     @staticmethod
     def _with_new_days(stored: tuple[np.ndarray, pd.MultiIndex, list[str]] | None, new_rows: pd.DataFrame,

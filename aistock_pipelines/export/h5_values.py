@@ -118,12 +118,14 @@ def _hdf5_values() -> Hdf5Values | None:
 HDF5 = _hdf5_values()
 
 
-def map_values(path: Path, offset: int | None, dtype: np.dtype, stored: int, shape: tuple[int, int]) -> np.ndarray | None:
+def map_values(path: Path, offset: int | None, dtype: np.dtype, stored: int, shape: tuple[int, int], *,
+               populate: bool = True) -> np.ndarray | None:
     """A writable ``shape`` block whose first ``stored`` rows are the dataset's bytes at ``offset`` in ``path``, mapped
     private (copy-on-write: the file never changes) and whose remaining rows are fresh anonymous memory —
     one contiguous array: an anonymous private mapping of the whole size with the file's pages mapped over
     its start (``MAP_FIXED``). None where this cannot be done (not Linux, no offset, a file too short for
-    ``stored`` rows): the caller reads instead.
+    ``stored`` rows): the caller reads instead. ``populate``: map the file's pages now (below) rather than
+    one fault at a time on first access.
 
     The file must not shrink while the block lives (access past its end would fault): a snapshot version's
     ``daily_pv.h5`` is never modified, only replaced by a new version."""
@@ -155,6 +157,7 @@ def map_values(path: Path, offset: int | None, dtype: np.dtype, stored: int, sha
         # Map the file's pages now (read faults: shared page cache, nothing copied), in this thread — the
         # exporter's reading thread, beside the fingerprints — rather than one fault at a time inside the
         # HDF5 write later. Best effort: MADV_POPULATE_READ needs Linux 5.14.
-        libc.madvise.restype, libc.madvise.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(address, file_bytes, _MADV_POPULATE_READ)
+        if populate:
+            libc.madvise.restype, libc.madvise.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise(address, file_bytes, _MADV_POPULATE_READ)
     return np.frombuffer(region, dtype=dtype, count=shape[0] * shape[1], offset=lead).reshape(shape)

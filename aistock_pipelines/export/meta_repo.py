@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 metadata = sa.MetaData(schema="market")
@@ -70,17 +69,22 @@ class MetaRepo:
         return {r.ts_code: InstrumentState(*r) for r in rows}
 
     def replace(self, snapshot_id: str, states: list[InstrumentState], freq: str = "1d") -> None:
-        """Make the stored state of ``snapshot_id`` exactly ``states`` (one transaction)."""
+        """Make the stored state of ``snapshot_id`` exactly ``states`` (one transaction). The rows go in
+        through ``COPY`` on the transaction's own psycopg connection (every export replaces them all, 4,000
+        rows at 4,000 instruments: 0.1–0.25 s as an ``INSERT`` of many values)."""
         self.ensure_schema()
         now = datetime.now(timezone.utc)
+        columns = [c.name for c in qlib_export_meta.columns]
         with self.engine.begin() as conn:
             conn.execute(sa.delete(qlib_export_meta).where(
                 qlib_export_meta.c.snapshot_id == snapshot_id, qlib_export_meta.c.freq == freq))
             if states:
-                conn.execute(postgresql.insert(qlib_export_meta), [
-                    {"snapshot_id": snapshot_id, "ts_code": s.ts_code, "freq": freq, "first_datetime": s.first_datetime,
-                     "last_datetime": s.last_datetime, "rows": s.rows, "checksum": s.checksum,
-                     "export_id": s.export_id, "updated_at": now} for s in states])
+                cursor = conn.connection.driver_connection.cursor()  # psycopg 3 (db.sqlalchemy_url)
+                names = ", ".join(f'"{c}"' for c in columns)
+                with cursor, cursor.copy(f"COPY market.qlib_export_meta ({names}) FROM STDIN") as copy:
+                    for s in states:
+                        copy.write_row((snapshot_id, s.ts_code, freq, s.first_datetime, s.last_datetime, s.rows,
+                                        s.checksum, s.export_id, now))
 
     def delete(self, snapshot_id: str, freq: str = "1d") -> None:
         self.ensure_schema()

@@ -197,6 +197,28 @@ def read_h5_block(path: Path, spare_rows: int) -> tuple[np.ndarray, pd.MultiInde
     return block, index, [str(c) for c in items]
 
 
+def map_h5_values(path: Path, spare_rows: int) -> np.ndarray | None:
+    """Only the values of the stored frame, as :func:`read_h5_block` maps them (copy-on-write, ``spare_rows``
+    more rows of fresh memory), its pages mapped as they are touched; None where they cannot be mapped.
+    A second mapping of the file is a second view of its page cache: what is written into the first never
+    shows here."""
+    import tables
+
+    if _HDF5 is None:
+        return None
+    with pd.HDFStore(path, mode="r") as store:
+        storer = store.get_storer(H5_KEY)
+        if type(storer).__name__ != "FrameFixed" or int(storer.nblocks) != 1:
+            return None
+        node = storer.group.block0_values
+        if (not isinstance(node, tables.Array) or not getattr(node.attrs, "transposed", False) or len(node.shape) != 2
+                or node.byteorder != sys.byteorder or node.dtype not in (np.float32, np.float64) or not node.shape[0]):
+            return None
+        rows, width = node.shape
+        return map_values(path, _HDF5.offset(node._v_objectid), node.dtype, rows, (rows + spare_rows, width),
+                          populate=False)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -236,6 +258,10 @@ class SnapshotWriter:
     def read_block(self, snapshot_id: str, spare_rows: int) -> tuple[np.ndarray, pd.MultiIndex, list[str]] | None:
         """The current ``daily_pv.h5`` as it is stored (:func:`read_h5_block`)."""
         return read_h5_block(self.path(snapshot_id) / "daily_pv.h5", spare_rows)
+
+    def map_values(self, snapshot_id: str, spare_rows: int) -> np.ndarray | None:
+        """The current ``daily_pv.h5``'s values, mapped once more (:func:`map_h5_values`)."""
+        return map_h5_values(self.path(snapshot_id) / "daily_pv.h5", spare_rows)
 
     def list_ids(self) -> list[str]:
         if not self.root.exists():
