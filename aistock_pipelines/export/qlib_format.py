@@ -332,11 +332,11 @@ class BinsBeside:
                           plan=self._plan)
 
     def rewrite(self, frame: pd.DataFrame, names: set[str]) -> None:
-        """After :meth:`wait`: write the bins of instruments ``names`` anew from ``frame`` (named as the
-        folders are; plain field names), whose rows changed since they were handed over — an incremental
-        export's restated instruments — and delete the folders of those ``frame`` has no rows for. Their
-        files from the groups may be links to the current version's inodes: they are unlinked, never
-        written (:func:`_write_bytes`)."""
+        """After the work handed over so far (one thread: queued behind it), write the bins of instruments
+        ``names`` anew from ``frame`` (named as the folders are; plain field names), whose rows changed
+        since they were handed over — an incremental export's restated instruments — and delete the folders
+        of those ``frame`` has no rows for. Their files from the groups may be links to the current
+        version's inodes: they are unlinked, never written (:func:`_write_bytes`)."""
         self._jobs.append(self._pool.submit(self._rewrite, frame, set(names)))
 
     def _rewrite(self, frame: pd.DataFrame, names: set[str]) -> int:

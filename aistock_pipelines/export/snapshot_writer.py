@@ -372,8 +372,8 @@ class SnapshotWriter:
             timings["clear_versions"] = time.perf_counter() - t
 
         with ThreadPoolExecutor(2, thread_name_prefix="bins") as pool:
-            n_bins = pool.submit(bins) if options.qlib_bins else None
-            cleared = pool.submit(clear, n_bins)
+            bins_job = pool.submit(bins) if options.qlib_bins else None
+            cleared = pool.submit(clear, bins_job)
             t = time.perf_counter()
             write_h5(version / "daily_pv.h5", ext)
             timings["write_h5"] = time.perf_counter() - t
@@ -395,8 +395,8 @@ class SnapshotWriter:
             digest = sha256_file(version / "daily_pv.h5")
             timings["hash_h5"] = time.perf_counter() - t
             t = time.perf_counter()
-            if n_bins is not None:
-                n_bins.result()  # a failure in the bins raises here
+            if bins_job is not None:
+                bins_job.result()  # a failure in the bins raises here
             n_bins = len(spans) * len(named.columns) if options.qlib_bins else 0  # a file per instrument and field
             timings["wait_bins"] = time.perf_counter() - t
             cleared.result()
@@ -420,9 +420,10 @@ class SnapshotWriter:
         """Start writing every bin of ``ext`` (the file's frame) into ``begun``, in a background thread: each
         instrument's files extended from the current version's (recycling the newest stale version's
         ``features`` folder), as :meth:`write` does for an incremental export — but before the caller knows
-        which instruments were restated. It then has those rewritten (:meth:`qlib_format.BinsBeside.rewrite`,
-        after :meth:`~qlib_format.BinsBeside.wait`: ``ext`` must not change before) and passes the result
-        to :meth:`write` as ``bins_beside``. Caller holds :meth:`lock`."""
+        which instruments were restated. It then has those rewritten (:meth:`qlib_format.BinsBeside.rewrite`)
+        and passes the result to :meth:`write` as ``bins_beside``. ``ext`` must not change before the bins
+        are written (``BinsBeside.wait``, or the exporter's second mapping of the stored file, which never
+        changes). Caller holds :meth:`lock`."""
         recycle = max((p for p in begun.stale if (p / "features").is_dir()), default=None)
         reuse = self._bin_reuse(snapshot_id, calendar, set(), recycle)
         named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)
