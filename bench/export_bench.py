@@ -339,7 +339,7 @@ def file_creation_us(root: Path, files: int = 1000) -> float:
     return (time.perf_counter() - t) / files * 1e6
 
 
-def settle_file_system(root: Path, slow_us: float = 100.0, max_wait: float = 600.0) -> list[float]:
+def settle_file_system(root: Path, slow_us: float = 50.0, max_wait: float = 900.0) -> list[float]:
     """Wait (up to ``max_wait`` s) until creating files is no longer slow; returns the probes (µs/file)."""
     probes = [file_creation_us(root)]
     waited = 0.0
