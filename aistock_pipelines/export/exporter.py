@@ -276,10 +276,7 @@ class QlibDailyExporter:
                     t = time.perf_counter()
                     current = self._with_new_days(stored, new_rows, prev_end, options)
                     if current is not None and options.qlib_bins:
-                        begun = self.writer.begin(snapshot_id)
-                        source = self._bins_source(snapshot_id, stored, current)
-                        ahead = self.writer.bins_ahead(snapshot_id, begun, source if source is not None else current,
-                                                       days)
+                        begun, ahead, source = self._bins_ahead(snapshot_id, stored, current, days)
                     timings["frame"] = time.perf_counter() - t
                 sums, check_s = sums.result()
                 restated = sorted(_restated(sums, states) if trust_states else set(sums.index) | set(states))
@@ -326,19 +323,26 @@ class QlibDailyExporter:
                           **result.timings, "total": time.perf_counter() - t0}
         return result
 
-    def _bins_source(self, snapshot_id: str, stored: tuple[np.ndarray, pd.MultiIndex, list[str]],
-                     current: pd.DataFrame) -> pd.DataFrame | None:
-        """``current`` (the stored rows, then the new days) over a second mapping of the stored file, for the
-        bins written ahead: the restated histories can then be written into the stored block while those
-        bins are still being written, which keep reading the stored values wherever they rewrite bytes the
-        current version holds, as they must. None where the file cannot be mapped (then the bins are waited
-        for before the block changes)."""
+    def _bins_ahead(self, snapshot_id: str, stored: tuple[np.ndarray, pd.MultiIndex, list[str]],
+                    current: pd.DataFrame, days: list[date]) -> tuple[NewVersion, qlib_format.BinsBeside,
+                                                                   pd.DataFrame | None]:
+        """Begin the new version and start writing all its bins from ``current`` (the stored rows, then the
+        new days: :meth:`_with_new_days`) before the restated instruments are known. Returns (version, the
+        bins' writer, their source or None).
+
+        The source is ``current`` over a second mapping of the stored file: the restated histories can then
+        be written into the stored block while the bins are still being written, which keep reading the
+        stored values wherever they rewrite bytes the current version holds, as they must. None where the
+        file cannot be mapped: the bins then read ``current`` itself, and the caller waits for them before
+        the block changes."""
+        begun = self.writer.begin(snapshot_id)
         block, n, total = stored[0], len(stored[1]), len(current)
         twin = self.writer.map_values(snapshot_id, total - n)
-        if twin is None or twin.shape != (total, block.shape[1]) or twin.dtype != block.dtype:
-            return None
-        twin[n:] = block[n:total]  # the new days (the stored rows are the file's: _with_new_days only appends)
-        return pd.DataFrame(twin, index=current.index, columns=current.columns, copy=False)
+        source = None
+        if twin is not None and twin.shape == (total, block.shape[1]) and twin.dtype == block.dtype:
+            twin[n:] = block[n:total]  # the new days (the stored rows are the file's: _with_new_days only appends)
+            source = pd.DataFrame(twin, index=current.index, columns=current.columns, copy=False)
+        return begun, self.writer.bins_ahead(snapshot_id, begun, current if source is None else source, days), source
 
     @staticmethod
     def _with_new_days(stored: tuple[np.ndarray, pd.MultiIndex, list[str]] | None, new_rows: pd.DataFrame,
