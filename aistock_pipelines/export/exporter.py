@@ -34,7 +34,7 @@ from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
 from aistock_pipelines.export import frames, qlib_format
 from aistock_pipelines.export.reader import DataGateError, DBReader, ReadSession, check_codes
 from aistock_pipelines.export.snapshot_writer import (NewVersion, SnapshotError, SnapshotOptions, SnapshotWriter,
-                                                      check_snapshot_id, external_frame)
+                                                      by_field, check_snapshot_id, external_frame)
 
 PRICE_COLUMNS = ["open", "high", "low", "close"]
 
@@ -308,8 +308,7 @@ class QlibDailyExporter:
                 raise DataGateError("internal consistency: the merged snapshot has duplicate (date, instrument) "
                                     "rows; run a full export")
             if ahead is not None and restated:
-                ahead.rewrite(ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1),
-                              set(qlib_format.instrument_names(restated, options.instruments)))
+                ahead.rewrite(by_field(ext), set(qlib_format.instrument_names(restated, options.instruments)))
             timings["frame"] = timings.get("frame", 0.0) + time.perf_counter() - t
             result = self._commit(snapshot_id, "incremental", start, new_end, universe, options, resolved, ext, days,
                                   sums, restated=restated, rows_added=len(ext) - n_old + rewritten,

@@ -325,11 +325,10 @@ class BinsBeside:
         self.fields += fields
         self._jobs.append(self._pool.submit(self._write, frame, fields))
 
-    def _write(self, frame: pd.DataFrame, fields: list[str]) -> int:
+    def _write(self, frame: pd.DataFrame, fields: list[str]) -> None:
         # one plan for every group: the groups are columns of one block under one index
         self._plan = self._plan if self._plan is not None else bin_plan(frame.index, self.calendar, self.reuse)
-        return write_bins(self.features_dir, frame, self.calendar, fields, reuse=self.reuse, workers=2,
-                          plan=self._plan)
+        write_bins(self.features_dir, frame, self.calendar, fields, reuse=self.reuse, workers=2, plan=self._plan)
 
     def rewrite(self, frame: pd.DataFrame, names: set[str]) -> None:
         """After the work handed over so far (one thread: queued behind it), write the bins of instruments
@@ -339,13 +338,13 @@ class BinsBeside:
         version's inodes: they are unlinked, never written (:func:`_write_bytes`)."""
         self._jobs.append(self._pool.submit(self._rewrite, frame, set(names)))
 
-    def _rewrite(self, frame: pd.DataFrame, names: set[str]) -> int:
+    def _rewrite(self, frame: pd.DataFrame, names: set[str]) -> None:
         rows = instrument_mask(frame.index, names)
         present = set(map(str, frame.index.levels[1][np.unique(frame.index.codes[1][rows])])) if rows.any() else set()
-        n = write_bins(self.features_dir, frame[rows], self.calendar, self.fields) if present else 0
+        if present:
+            write_bins(self.features_dir, frame[rows], self.calendar, self.fields)
         for gone in names - present:
             shutil.rmtree(self.features_dir / gone.lower(), ignore_errors=True)
-        return n
 
     def wait(self) -> None:
         """Wait for the work handed over so far (a failure in it raises here); more may follow."""

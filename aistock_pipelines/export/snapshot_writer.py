@@ -103,6 +103,11 @@ def external_frame(frame: pd.DataFrame, options: SnapshotOptions) -> pd.DataFram
                           [f"{prefix}{c}" for c in frame.columns], options.dtype, layout="C")
 
 
+def by_field(ext: pd.DataFrame) -> pd.DataFrame:
+    """The file's frame with plain field names (``$close`` → ``close``): bins are named by field."""
+    return ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)
+
+
 def read_view(frame: pd.DataFrame, options: SnapshotOptions) -> pd.DataFrame:
     """The snapshot frame exactly as a consumer gets it from ``pd.read_hdf(daily_pv.h5)``:
     :func:`external_frame`, with the instrument level re-inferred the way HDF read-back infers it (pandas ≥ 3:
@@ -164,6 +169,21 @@ def read_h5(path: Path) -> pd.DataFrame:
     return pd.DataFrame(block, index=index, columns=columns, copy=False)
 
 
+def _values_node(store: pd.HDFStore):
+    """The values dataset of the frame :func:`write_h5` stores — one block, a row-major 2-D float32/float64
+    array — or None for any other layout."""
+    import tables
+
+    storer = store.get_storer(H5_KEY)
+    if type(storer).__name__ != "FrameFixed" or int(storer.nblocks) != 1:
+        return None
+    node = storer.group.block0_values
+    if (not isinstance(node, tables.Array) or not getattr(node.attrs, "transposed", False) or len(node.shape) != 2
+            or node.dtype not in (np.float32, np.float64)):
+        return None
+    return node
+
+
 def read_h5_block(path: Path, spare_rows: int) -> tuple[np.ndarray, pd.MultiIndex, list[str]] | None:
     """The stored frame's parts as :func:`write_h5` lays them out — a row-major block in the file's dtype
     with ``spare_rows`` more rows after the stored ones, the index, the column names — read straight into
@@ -173,17 +193,14 @@ def read_h5_block(path: Path, spare_rows: int) -> tuple[np.ndarray, pd.MultiInde
     mapped copy-on-write from the file (:func:`h5_values.map_values`): the stored rows are the file's page
     cache, and only pages the caller writes (restated rows, ``change``) and the spare rows take memory of
     their own. Writing to the block never changes the file."""
-    import tables
-
     with pd.HDFStore(path, mode="r") as store:
-        storer = store.get_storer(H5_KEY)
-        if type(storer).__name__ != "FrameFixed" or int(storer.nblocks) != 1:
+        node = _values_node(store)
+        if node is None:
             return None
+        storer = store.get_storer(H5_KEY)
         items, index = storer.read_index("axis0"), storer.read_index("axis1")
-        node = storer.group.block0_values
         if (not storer.read_index("block0_items").equals(items) or not isinstance(index, pd.MultiIndex)
-                or not isinstance(node, tables.Array) or not getattr(node.attrs, "transposed", False)
-                or tuple(node.shape) != (len(index), len(items)) or node.dtype not in (np.float32, np.float64)):
+                or tuple(node.shape) != (len(index), len(items))):
             return None
         shape = (len(index) + spare_rows, len(items))
         native = node.byteorder == sys.byteorder and _HDF5 is not None and len(index) > 0
@@ -202,17 +219,11 @@ def map_h5_values(path: Path, spare_rows: int) -> np.ndarray | None:
     more rows of fresh memory), its pages mapped as they are touched; None where they cannot be mapped.
     A second mapping of the file is a second view of its page cache: what is written into the first never
     shows here."""
-    import tables
-
     if _HDF5 is None:
         return None
     with pd.HDFStore(path, mode="r") as store:
-        storer = store.get_storer(H5_KEY)
-        if type(storer).__name__ != "FrameFixed" or int(storer.nblocks) != 1:
-            return None
-        node = storer.group.block0_values
-        if (not isinstance(node, tables.Array) or not getattr(node.attrs, "transposed", False) or len(node.shape) != 2
-                or node.byteorder != sys.byteorder or node.dtype not in (np.float32, np.float64) or not node.shape[0]):
+        node = _values_node(store)
+        if node is None or node.byteorder != sys.byteorder or not node.shape[0]:
             return None
         rows, width = node.shape
         return map_values(path, _HDF5.offset(node._v_objectid), node.dtype, rows, (rows + spare_rows, width),
@@ -328,7 +339,7 @@ class SnapshotWriter:
         begun = begun or self.begin(snapshot_id)
         version, stale = begun.path, begun.stale
         qlib_format.write_calendar(version / "calendars" / "day.txt", calendar)
-        named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)  # bins are named by field
+        named = by_field(ext)
         spans = qlib_format.instrument_spans(named, calendar)
         qlib_format.write_instruments(version / "instruments" / "all.txt", spans)
 
@@ -426,7 +437,7 @@ class SnapshotWriter:
         changes). Caller holds :meth:`lock`."""
         recycle = max((p for p in begun.stale if (p / "features").is_dir()), default=None)
         reuse = self._bin_reuse(snapshot_id, calendar, set(), recycle)
-        named = ext.set_axis([str(c).lstrip("$") for c in ext.columns], axis=1)
+        named = by_field(ext)
         ahead = qlib_format.BinsBeside(begun.path / "features", calendar, "ts_code", reuse=reuse)
         ahead.add(named, list(named.columns))
         return ahead
