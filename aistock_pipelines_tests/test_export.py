@@ -408,22 +408,25 @@ def test_a_shared_view_is_the_same_database_state_on_a_second_connection(market_
     reader.engine.dispose()
 
 
-def test_a_view_that_cannot_be_shared_is_fingerprinted_first_with_the_same_result(exported, monkeypatch):
+@pytest.mark.parametrize("counted_by", ["client", "server"])
+def test_a_view_that_cannot_be_shared_is_fingerprinted_first_with_the_same_result(exported, monkeypatch, counted_by):
     """A server that refuses to export the read's snapshot (``session(shared=True)`` leaves ``snapshot``
-    None): the full export computes the fingerprints first, on its own connection, and then reads — the
-    same file and the same stored fingerprints as an export whose fingerprints ran beside the read."""
-    from aistock_pipelines.export import exporter as exporter_module
+    None): the full export does the work meant for a second connection — the server's fingerprints, or the
+    bars' count when the client counts the fingerprints — first, on its own connection, and then reads:
+    the same file and the same stored fingerprints as the export that ran it beside the read."""
+    from aistock_pipelines.export.reader import ReadSession
 
     ex, _, path = exported
     before, states = read_h5(path), ex.meta.load("demo")
     session = DBReader.session
-    monkeypatch.setattr(DBReader, "session", lambda self, conn=None, *, shared=False, snapshot=None:
-                        session(self, conn, snapshot=snapshot))  # never shared
 
-    def beside(*args):
-        raise AssertionError("the fingerprints ran beside the read although the view was not shared")
+    def never_shared(self, conn=None, *, shared=False, snapshot=None):
+        assert snapshot is None, "work ran on a second connection although the view was not shared"
+        return session(self, conn)
 
-    monkeypatch.setattr(exporter_module, "_checksums_in", beside)
+    monkeypatch.setattr(DBReader, "session", never_shared)
+    if counted_by == "server":
+        monkeypatch.setattr(ReadSession, "row_fingerprints", lambda self, ts_codes: None)
     result = ex.export_full("demo", START)
     assert result.timings["checksums"] > 0 and result.rows == len(before)
     pd.testing.assert_frame_equal(read_h5(path), before, check_exact=True)
@@ -461,6 +464,49 @@ def test_fingerprints_are_their_documented_definition(market_db):
         sums = s.checksums(START, date(2022, 3, 31), date(2022, 6, 30), codes)
     assert {(c, part): int(sums.loc[c, f"sum_{part}"]) for c in codes for part in ("old", "all")} == expected
     assert expected[codes[0], "old"] > 2**62  # the int8 split into halves was exercised
+    reader.engine.dispose()
+
+
+def test_fingerprints_counted_from_the_rows_read_equal_the_servers(market_db, tmp_path):
+    """A full export counts the fingerprints from the rows it reads (``RowFingerprints``) instead of asking
+    the server: equal to the server's, instrument by instrument, also where the rows are unusual — a NULL
+    volume, a raw close of 0, a raw row without its bar (counted, as the server counts it, though the key
+    join drops it), raw rows of a code without bars (not an instrument). A value the client cannot count
+    exactly (an amount above 2^50) leaves the fingerprints to the server, naming the column."""
+    engine = create_db_engine(market_db)
+    end = date(2022, 6, 30)
+    with engine.begin() as conn:
+        a, b, c = conn.exec_driver_sql("SELECT DISTINCT ts_code FROM market.kline_daily_qfq ORDER BY 1 LIMIT 3").scalars().all()
+        conn.exec_driver_sql("ALTER TABLE market.kline_daily_qfq ALTER COLUMN volume_hand DROP NOT NULL")
+        conn.exec_driver_sql(f"UPDATE market.kline_daily_qfq SET volume_hand = NULL WHERE ts_code = '{a}' AND trade_date = '2022-03-02'")
+        conn.exec_driver_sql(f"UPDATE market.kline_daily_raw SET close_li = 0 WHERE ts_code = '{b}' AND trade_date = '2022-03-03'")
+        assert conn.exec_driver_sql(f"DELETE FROM market.kline_daily_qfq WHERE ts_code = '{c}' AND trade_date = '2022-03-04'").rowcount == 1
+        conn.exec_driver_sql("INSERT INTO market.kline_daily_raw SELECT '999999.SZ', trade_date, open_li, high_li, low_li, "
+                             f"close_li, volume_hand, amount_li, adjust_type, source FROM market.kline_daily_raw WHERE ts_code = '{a}'")
+    reader = DBReader(engine, DEMO_MAPPING, market_db)
+
+    def both() -> tuple:
+        with reader.session() as s:
+            counted = s.row_fingerprints(None)
+            s.load_daily_block(None, START, end, fingerprints=counted)
+            return counted, s.checksums(START, None, end, None)
+
+    counted, server = both()
+    client = counted.frame()
+    assert client is not None, counted.failure
+    pd.testing.assert_frame_equal(client.sort_index(), server.sort_index())
+    assert "999999.SZ" not in client.index and client.loc[c, "rows_all"] == server.loc[c, "rows_all"] > 0
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE market.kline_daily_qfq SET amount_li = 2^51 WHERE ts_code = '{a}' AND trade_date = '2022-03-03'")
+    counted, server = both()
+    assert counted.frame() is None and "amount_li" in counted.failure
+    ex = make_exporter(market_db, tmp_path)  # … so the export asks the server, after its read
+    ex.export_full("demo", START, end)
+    stored = ex.meta.load("demo")
+    assert {code: (st.rows, st.checksum) for code, st in stored.items()} == \
+        {code: (int(n), s) for code, n, s in zip(server.index, server["rows_all"], server["sum_all"])}
+    with reader.session() as s:
+        assert s.row_fingerprints([a]) is None  # listed codes: the raw close arrives divided into ``factor``
     reader.engine.dispose()
 
 

@@ -39,7 +39,11 @@ class FieldSpec:
     scale: float = 1.0
     unit: str = ""
 
-    def _divisor(self) -> int | None:
+    def __post_init__(self) -> None:
+        if not (isinstance(self.scale, (int, float)) and np.isfinite(self.scale) and self.scale != 0):
+            raise MappingError(f"column {self.column!r}: scale must be a finite non-zero number, got {self.scale!r}")
+
+    def divisor(self) -> int | None:
         """A scale like 0.001 is applied as ``/ 1000``: one correctly rounded division, so the value equals
         ``column / 1000`` bit for bit (``× 0.001`` would not)."""
         inverse = Fraction(1 / self.scale).limit_denominator(1)
@@ -48,11 +52,11 @@ class FieldSpec:
         return None
 
     def sql(self, alias: str) -> str:
-        """Scaled float8 expression (see :meth:`_divisor`)."""
+        """Scaled float8 expression (see :meth:`divisor`)."""
         col = f'{alias}."{self.column}"::float8'
         if self.scale == 1:
             return col
-        divisor = self._divisor()
+        divisor = self.divisor()
         return f"{col} / {divisor}" if divisor is not None else f"{col} * {self.scale!r}"
 
     def apply(self, values: npt.ArrayLike) -> np.ndarray:
@@ -61,7 +65,7 @@ class FieldSpec:
         col = np.asarray(values, dtype=np.float64)
         if self.scale == 1:
             return col
-        divisor = self._divisor()
+        divisor = self.divisor()
         return col / divisor if divisor is not None else col * self.scale
 
 

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import libpq_url
 from aistock_pipelines.export.daily_features import PACKED_COLUMN, SourceSelect, joined_select, source_selects
+from aistock_pipelines.export.fingerprints import EPOCH_SQL, INTEGER_TYPES, RAW_WEIGHT, RowFingerprints, bar_sums, weighted_sums
 from aistock_pipelines.export.frames import INDEX_NAMES, finish_in_place, make_index, sort_order
 from aistock_pipelines.export.mapping import ExportMapping, ResolvedMapping, quote_table, resolve_mapping
 
@@ -37,59 +38,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CODE = re.compile(r"^[A-Za-z0-9]{1,12}\.[A-Za-z]{2,4}$")
 _SNAPSHOT_ID = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")  # pg_export_snapshot(): e.g. 00000003-0000001B-1
-_EPOCH = "DATE '1990-01-01'"
-
-#: Per-instrument fingerprint of the bar rows (and raw close, when configured): a date-weighted integer
-#: sum, computed by the server without shipping rows. A qfq restatement rescales every price of the
-#: instrument, so its fingerprint changes; exact integer arithmetic makes it deterministic. Definition:
-#: Σ over the instrument's bar rows of (1·open + 3·high + 7·low + 13·close + 17·x₅ + 19·x₆ + … + 41·raw close)
-#: × (days since 1990-01-01 + 1), where x₅… are the other bar fields in mapping order (OHLC and raw close
-#: cast to int8, the others exactly; a NULL counts as 0). See :func:`_weighted_sums` for how it is evaluated.
-_PRIMES = [1, 3, 7, 13, 17, 19, 23, 29, 31, 37, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97]
-_INTEGER_TYPES = ("smallint", "integer")
-_TWO32 = 4294967296
-
-
-def _weighted_sums(terms: list[tuple[int, str, str, bool]], day: str) -> str:
-    """Σ over the group's rows of (Σ weight × column) × ``day``, exactly, for ``terms`` of (weight, column
-    SQL, data type, cast to int8), in as few aggregates as exactness allows: each aggregate costs the
-    server per row (the bars' part alone at 5.6 M rows: 0.68–0.78 s as 3 sums, 0.82–0.91 s as 8; the
-    whole fingerprint query, which also scans the raw table, gained less than its run-to-run spread).
-
-    * int2/int4 columns: the weighted row value is added up in int8 and multiplied by the day, one sum;
-    * int8 columns (and columns cast to int8): split into 32-bit halves, whose weighted row values are two
-      int8 sums (high × 2³² + low);
-    * anything else: one numeric sum per column.
-    PostgreSQL sums int8 exactly (into a numeric), and no per-row product can overflow int8 for a date
-    before year 7000 (Σ weights ≤ 1002, |half| < 2³², day < 2.2·10⁶); an overflow would be an error, never a
-    wrong value. A NULL adds nothing — as ``sum`` skips it — so every value is ``coalesce``d to 0."""
-    small, halves, numeric = [], [], []
-    for weight, column, data_type, as_int8 in terms:
-        if data_type in _INTEGER_TYPES:
-            small.append(f"{weight} * coalesce({column}::int8, 0)")
-        elif as_int8 or data_type == "bigint":
-            halves.append((weight, f"coalesce({column}::int8, 0)"))
-        else:
-            numeric.append(f"{weight} * coalesce(sum({column}::numeric * {day}), 0)")
-    sums = [f"coalesce(sum(({' + '.join(small)}) * {day}), 0)"] if small else []
-    if halves:
-        high = " + ".join(f"{w} * ({x} >> 32)" for w, x in halves)
-        low = " + ".join(f"{w} * ({x} & {_TWO32 - 1})" for w, x in halves)
-        sums += [f"{_TWO32} * coalesce(sum(({high}) * {day}), 0)", f"coalesce(sum(({low}) * {day}), 0)"]
-    return "(" + " + ".join(sums + numeric) + ")" if sums or numeric else "0"
-
-
-def _fingerprint_sums(mapping: ExportMapping, bar_types: dict[str, str]) -> str:
-    """The bars' part of the fingerprint (see :func:`_weighted_sums`)."""
-    ohlc = [mapping.fields[f].column for f in ("open", "high", "low", "close")]
-    extra = [s.column for n, s in mapping.fields.items() if n not in ("open", "high", "low", "close")]
-    if len(ohlc + extra) > len(_PRIMES):
-        raise ReaderError(f"{mapping.bars_table}: {len(ohlc + extra)} bar fields, at most {len(_PRIMES)} can be fingerprinted")
-    day = f"(b.trade_date - {_EPOCH} + 1)"
-    return _weighted_sums([(p, 'b."' + c + '"', bar_types.get(c, ""), i < 4)
-                           for i, (p, c) in enumerate(zip(_PRIMES, ohlc + extra))], day)
-
-
 #: The bulk read's bounds as settings of the read's transaction. The ADBC driver streams a statement's
 #: rows through ``COPY (FORMAT binary)`` only when it has no parameters — with ``$n`` it buffers the whole
 #: result in libpq (measured at 5.6 M rows: 3.9 GB before the first row). So :meth:`ReadSession.bind_bounds`
@@ -231,7 +179,7 @@ class ReadSession:
         parts = {"o": "BETWEEN $1 AND $2", "n": "> $2 AND {a}.trade_date BETWEEN $1 AND $3"}
 
         def bars(part: str) -> str:
-            return (f"SELECT b.ts_code, count(*) AS n, {_fingerprint_sums(m, types)} AS s, "
+            return (f"SELECT b.ts_code, count(*) AS n, {bar_sums(m, types)} AS s, "
                     f"min(b.trade_date) AS first_date, max(b.trade_date) AS last_date FROM {quote_table(m.bars_table)} b "
                     f"WHERE b.trade_date {parts[part].format(a='b')}{universe} GROUP BY b.ts_code")
 
@@ -240,11 +188,11 @@ class ReadSession:
         if m.raw_table:
             close = m.fields["close"].column
             raw_type = self._column_types(m.raw_table).get(close, "")
-            rday = f"(r.trade_date - {_EPOCH} + 1)"
+            rday = f"(r.trade_date - {EPOCH_SQL} + 1)"
             raw_universe, _ = self._universe_clause(ts_codes, 4, alias="r")
             column = 'r."' + close + '"'
             for part in ("o", "n"):
-                ctes.append(f"r{part} AS (SELECT r.ts_code, {_weighted_sums([(1, column, raw_type, True)], rday)} AS s "
+                ctes.append(f"r{part} AS (SELECT r.ts_code, {weighted_sums([(1, column, raw_type, True)], rday)} AS s "
                             f"FROM {quote_table(m.raw_table)} r WHERE r.trade_date {parts[part].format(a='r')}{raw_universe} "
                             f"GROUP BY r.ts_code)")
             joins = "LEFT JOIN ro ON ro.ts_code = k.ts_code LEFT JOIN rn ON rn.ts_code = k.ts_code"
@@ -252,12 +200,28 @@ class ReadSession:
         else:
             joins = ""
         q = (f"WITH {', '.join(ctes)} SELECT k.ts_code, coalesce(bo.n, 0) AS rows_old, "
-             f"(coalesce(bo.s, 0) + 41 * {raw_old})::text AS sum_old, coalesce(bo.n, 0) + coalesce(bn.n, 0) AS rows_all, "
-             f"(coalesce(bo.s, 0) + coalesce(bn.s, 0) + 41 * ({raw_all}))::text AS sum_all, "
+             f"(coalesce(bo.s, 0) + {RAW_WEIGHT} * {raw_old})::text AS sum_old, coalesce(bo.n, 0) + coalesce(bn.n, 0) AS rows_all, "
+             f"(coalesce(bo.s, 0) + coalesce(bn.s, 0) + {RAW_WEIGHT} * ({raw_all}))::text AS sum_all, "
              f"least(bo.first_date, bn.first_date) AS first_date, greatest(bo.last_date, bn.last_date) AS last_date "
              f"FROM (SELECT ts_code FROM bo UNION SELECT ts_code FROM bn) k "
              f"LEFT JOIN bo ON bo.ts_code = k.ts_code LEFT JOIN bn ON bn.ts_code = k.ts_code {joins} ORDER BY k.ts_code")
         return self._arrow(q, (start, split, end, *uparams)).to_pandas().set_index("ts_code")
+
+    def row_fingerprints(self, ts_codes: list[str] | None) -> RowFingerprints | None:
+        """What :meth:`checksums` computes over a bulk read's whole range, counted by the client from the
+        rows read (pass it to :meth:`load_daily_block`), or None where the client cannot count it: a read of
+        listed codes (its raw close arrives divided into ``factor``) or a bar field or raw close stored in a
+        column that is not an integer type."""
+        m = self.resolved.mapping
+        if ts_codes is not None:
+            return None
+        integer = (*INTEGER_TYPES, "bigint")
+        types = self._column_types(m.bars_table)
+        if any(types.get(spec.column) not in integer for spec in m.fields.values()):
+            return None
+        if m.has_factor and self._column_types(m.raw_table).get(m.fields["close"].column) not in integer:
+            return None
+        return RowFingerprints(m, source_selects(self.resolved)[0].names, raw=m.has_factor)
 
     def _column_types(self, table: str) -> dict[str, str]:
         schema, name = table.split(".")
@@ -273,8 +237,8 @@ class ReadSession:
 
     def load_daily_block(self, ts_codes: list[str] | None, start: date, end: date, *,
                          expected_rows: int | Callable[[], int | None] | None = None,
-                         on_ready: Callable[[pd.DataFrame, list[str]], None] | None = None
-                         ) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
+                         on_ready: Callable[[pd.DataFrame, list[str]], None] | None = None,
+                         fingerprints: RowFingerprints | None = None) -> tuple[np.ndarray, pd.MultiIndex, list[str]]:
         """:meth:`load_daily` as its parts: a writable row-major float64 block owned by the caller (who may
         finish it in place — the exporter does), the sorted index and the column names.
 
@@ -288,10 +252,13 @@ class ReadSession:
         ``on_ready(frame, names)`` is called (in this thread) each time columns of the block become final,
         while the read goes on: ``frame`` is the block under the final index, ``names`` the columns that
         will not change again in this read — ``change`` never (it is computed from the rounded closes of a
-        finished frame). A full export writes their Qlib bins meanwhile."""
+        finished frame). A full export writes their Qlib bins meanwhile. ``fingerprints`` (from
+        :meth:`row_fingerprints`, a read of all codes only) is given every row as it arrives."""
+        if fingerprints is not None and ts_codes is not None:
+            raise ValueError("row fingerprints count a read of all codes, not of listed ones")
         folded = self.bind_bounds(start, end, ts_codes)
         plan = self._plan(ts_codes is not None, folded)
-        join = _KeyJoin(self.resolved, [select for select, _ in plan], expected_rows, on_ready)
+        join = _KeyJoin(self.resolved, [select for select, _ in plan], expected_rows, on_ready, fingerprints)
         for i, batch in _prefetched(_statement_batches(self.conn, [sql for _, sql in plan]), depth=16):
             join.add(i, batch)
         self.rows_read += join.rows
@@ -440,16 +407,18 @@ class _KeyJoin:
 
     def __init__(self, resolved: ResolvedMapping, selects: list[SourceSelect],
                  expected_rows: int | Callable[[], int | None] | None = None,
-                 on_ready: Callable[[pd.DataFrame, list[str]], None] | None = None) -> None:
+                 on_ready: Callable[[pd.DataFrame, list[str]], None] | None = None,
+                 fingerprints: RowFingerprints | None = None) -> None:
         self.resolved = resolved
         self.on_ready = on_ready
+        self.fingerprints = fingerprints
         self.reported: set[str] = {"change"}  # columns final so far (change: never, in a read)
         self.derived = False  # _derive ran (once the ratio's denominator is in)
         self.index: pd.MultiIndex | None = None
         self.selects = selects
         self.names = list(resolved.logical_columns)
         self.at = {name: j for j, name in enumerate(self.names)}
-        self.bars: list[tuple[np.ndarray, np.ndarray, list[str], pa.RecordBatch]] = []
+        self.bars: list[tuple[np.ndarray, np.ndarray, list[str], np.ndarray]] = []  # keys and values per batch
         self.rows = 0
         self.block: np.ndarray | None = None
         # The block, allocated up front when its size is known, and faulted in as the bars arrive: a first
@@ -470,7 +439,11 @@ class _KeyJoin:
                 self._place_bars()
                 self._statement_done(0)
             elif batch.num_rows:
-                self.bars.append(_batch_keys(batch))
+                days, codes, dictionary, batch = _batch_keys(batch)
+                values = _value_block(self.selects[0], batch)
+                if self.fingerprints is not None:
+                    self.fingerprints.add_bars(days, codes, dictionary, values)
+                self.bars.append((days, codes, dictionary, values))
                 self.arrived += batch.num_rows
                 self._fault_in()
         elif batch is None:
@@ -541,16 +514,17 @@ class _KeyJoin:
         self.early = None
         self._start_table()
         bars_select = self.selects[0]
-        for (_, _, _, batch), c in zip(bars, cells):
-            self._place(bars_select, self.grid[c], batch, np.ones(len(c), dtype=bool))
+        for (_, _, _, values), c in zip(bars, cells):
+            self._place(bars_select, self.grid[c], values, np.ones(len(c), dtype=bool))
         self._finish_table(bars_select)
 
     def _start_table(self) -> None:
         self.stamp = np.full(self.rows, -1, dtype=np.int64)
         self.stamped = 0
 
-    def _place(self, select: SourceSelect, rows: np.ndarray, batch: pa.RecordBatch, keep: np.ndarray) -> None:
-        """Write ``batch``'s value columns at ``rows`` (where ``keep``), noting keys seen twice in this table."""
+    def _place(self, select: SourceSelect, rows: np.ndarray, values: np.ndarray, keep: np.ndarray) -> None:
+        """Write a batch's ``values`` (:func:`_value_block`) at ``rows`` (where ``keep``), noting keys seen
+        twice in this table."""
         every = bool(keep.all())
         rows = rows if every else rows[keep]
         ids = np.arange(self.stamped, self.stamped + len(rows))
@@ -560,7 +534,6 @@ class _KeyJoin:
         twice = seen | (self.stamp[rows] != ids)  # … or by a later row of this batch
         if twice.any():
             self.duplicates.append(rows[twice])
-        values = _value_block(select, batch)
         if not every:
             values = values[keep]
         at = [self.at[name] for name in select.names]
@@ -584,9 +557,12 @@ class _KeyJoin:
 
     def _add_joined(self, select: SourceSelect, batch: pa.RecordBatch) -> None:
         days, codes, dictionary, batch = _batch_keys(batch)
+        values = _value_block(select, batch)
+        if select.divides and self.fingerprints is not None:  # every raw row counts, with a bar or not
+            self.fingerprints.add_raw(days, codes, dictionary, values[:, 0])
         cells = self._cells(days, codes, dictionary)
         rows = np.where(cells >= 0, self.grid[np.maximum(cells, 0)], -1)
-        self._place(select, rows, batch, rows >= 0)
+        self._place(select, rows, values, rows >= 0)
 
     def _finish_joined(self, select: SourceSelect) -> None:
         missing = self.stamp < 0
