@@ -470,7 +470,7 @@ def test_fingerprints_are_their_documented_definition(market_db):
 def test_fingerprints_counted_from_the_rows_read_equal_the_servers(market_db, tmp_path):
     """A full export counts the fingerprints from the rows it reads (``RowFingerprints``) instead of asking
     the server: equal to the server's, instrument by instrument, also where the rows are unusual — a NULL
-    volume, a raw close of 0, a raw row without its bar (counted, as the server counts it, though the key
+    volume, a raw close of 0, amounts of ±2^49, a raw row without its bar (counted, as the server counts it, though the key
     join drops it), raw rows of a code without bars (not an instrument). A value the client cannot count
     exactly (an amount above 2^50) leaves the fingerprints to the server, naming the column."""
     engine = create_db_engine(market_db)
@@ -480,6 +480,9 @@ def test_fingerprints_counted_from_the_rows_read_equal_the_servers(market_db, tm
         conn.exec_driver_sql("ALTER TABLE market.kline_daily_qfq ALTER COLUMN volume_hand DROP NOT NULL")
         conn.exec_driver_sql(f"UPDATE market.kline_daily_qfq SET volume_hand = NULL WHERE ts_code = '{a}' AND trade_date = '2022-03-02'")
         conn.exec_driver_sql(f"UPDATE market.kline_daily_raw SET close_li = 0 WHERE ts_code = '{b}' AND trade_date = '2022-03-03'")
+        # amounts near the limit, either sign: the top of a row's weighted sum (and its sign) counts too
+        conn.exec_driver_sql(f"UPDATE market.kline_daily_qfq SET amount_li = 2^49 + 12345 WHERE ts_code = '{a}' AND trade_date = '2022-03-04'")
+        conn.exec_driver_sql(f"UPDATE market.kline_daily_qfq SET amount_li = -(2^49 + 7) WHERE ts_code = '{b}' AND trade_date = '2022-03-02'")
         assert conn.exec_driver_sql(f"DELETE FROM market.kline_daily_qfq WHERE ts_code = '{c}' AND trade_date = '2022-03-04'").rowcount == 1
         conn.exec_driver_sql("INSERT INTO market.kline_daily_raw SELECT '999999.SZ', trade_date, open_li, high_li, low_li, "
                              f"close_li, volume_hand, amount_li, adjust_type, source FROM market.kline_daily_raw WHERE ts_code = '{a}'")

@@ -86,10 +86,10 @@ def bar_sums(mapping: ExportMapping, bar_types: dict[str, str], alias: str = "b"
 #: Recovered integers must stay below this: a scaled float then determines its integer (see
 #: :meth:`RowFingerprints._integers`), and a row's weighted sum (Σ weights ≤ 1002 < 2¹⁰) stays below 2⁶⁰.
 _MAX_INT = 2.0 ** 50
-#: A row's weighted sum is added up as four 16-bit limbs (the top one signed), each × the day (|day| < 2¹⁶)
-#: summed per instrument in float64 by ``bincount`` — exact while a sum stays below 2⁵³: at most 2²¹ rows
-#: per instrument and batch (a batch is cut into chunks of that many rows).
-_LIMBS, _LIMB_BITS, _CHUNK = 4, 16, 1 << 20
+#: A row's weighted sum is added up as three 20-bit limbs (the top one signed, |·| < 2²⁰), each × the day
+#: (|day| < 2¹⁶) summed per instrument in float64 by ``bincount`` — exact while a sum stays below 2⁵³: at
+#: most 2¹⁷ rows per instrument and batch (a batch is cut into chunks of that many rows).
+_LIMBS, _LIMB_BITS, _CHUNK, _MAX_DAY = 3, 20, 1 << 17, 1 << 16
 
 
 class RowFingerprints:
@@ -136,7 +136,7 @@ class RowFingerprints:
                 if sums is None:
                     return
                 day = days[rows].astype(np.int64) - (_EPOCH_DAYS - 1)
-                if len(day) and (day.min() <= -(1 << _LIMB_BITS) or day.max() >= 1 << _LIMB_BITS):
+                if len(day) and (day.min() <= -_MAX_DAY or day.max() >= _MAX_DAY):
                     self.failure = "a trade_date outside 1810–2169"
                     return
                 self._parts[part].append((dictionary, _per_code(codes[rows], len(dictionary), day, sums)))
@@ -157,12 +157,12 @@ class RowFingerprints:
         """The integers whose scaling (``spec``) gives ``v``, NaN → 0; None where that is not exact."""
         divisor = spec.divisor()
         x = np.rint(v * divisor) if divisor is not None else np.rint(v / spec.scale)
-        nan = np.isnan(v)
         exact = spec.apply(x) == v  # False where v is NaN
         if not exact.all():
+            nan = np.isnan(v)
             x[nan] = 0.0
             exact |= nan
-        if not exact.all() or np.abs(x).max(initial=0.0) >= _MAX_INT:
+        if not exact.all() or (len(x) and max(x.max(), -x.min()) >= _MAX_INT):
             self.failure = f"{spec.column}: a value that is not an integer below 2^50 after undoing its scale {spec.scale!r}"
             return None
         return x.astype(np.int64)
@@ -193,11 +193,12 @@ class RowFingerprints:
 def _per_code(codes: np.ndarray, n: int, day: np.ndarray, sums: np.ndarray) -> np.ndarray:
     """Per dictionary entry: limb sums × day (``_LIMBS`` columns), rows, first and last day (int64)."""
     out = np.zeros((n, _LIMBS + 3), dtype=np.int64)
+    day_f8 = day.astype(np.float64)
     for k in range(_LIMBS):
         limb = sums >> (_LIMB_BITS * k)
         if k < _LIMBS - 1:
             limb = limb & ((1 << _LIMB_BITS) - 1)
-        out[:, k] = np.bincount(codes, weights=(limb * day).astype(np.float64), minlength=n)
+        out[:, k] = np.bincount(codes, weights=limb * day_f8, minlength=n)
     out[:, _LIMBS] = np.bincount(codes, minlength=n)
     first = np.full(n, np.iinfo(np.int64).max)
     last = np.full(n, np.iinfo(np.int64).min)
