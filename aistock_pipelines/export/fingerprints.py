@@ -155,6 +155,7 @@ class RowFingerprints:
 
     def _integers(self, v: np.ndarray, spec: FieldSpec) -> np.ndarray | None:
         """The integers whose scaling (``spec``) gives ``v``, NaN → 0; None where that is not exact."""
+        v = v.astype(np.float64, copy=False)  # native, contiguous: read once per operation below
         divisor = spec.divisor()
         x = np.rint(v * divisor) if divisor is not None else np.rint(v / spec.scale)
         exact = spec.apply(x) == v  # False where v is NaN
