@@ -109,7 +109,8 @@ class RowFingerprints:
         weight = dict(zip(order, PRIMES))
         #: per column of the bars' values: (column number, weight, scaling); the other columns are not summed
         self._terms = [(j, weight[n], mapping.fields[n]) for j, n in enumerate(bar_names) if n in weight]
-        self._raw = raw
+        #: the raw close, unscaled (None: no raw table)
+        self._raw = FieldSpec(f"{mapping.raw_table}.{mapping.fields['close'].column}") if raw else None
         self.failure: str | None = None
         self.seconds = 0.0
         self._parts: dict[str, list[tuple[list[str], np.ndarray]]] = {"bars": [], "raw": []}
@@ -122,8 +123,8 @@ class RowFingerprints:
 
     def add_raw(self, days: np.ndarray, codes: np.ndarray, dictionary: list[str], close: np.ndarray) -> None:
         """One batch of the raw table: its close, unscaled."""
-        if self._raw:
-            self._add("raw", days, codes, dictionary, lambda rows: self._integers(close[rows], FieldSpec("raw close")))
+        if self._raw is not None:
+            self._add("raw", days, codes, dictionary, lambda rows: self._integers(close[rows], self._raw))
 
     def _add(self, part: str, days: np.ndarray, codes: np.ndarray, dictionary: list[str], row_sums) -> None:
         if self.failure is not None or not len(days):
