@@ -312,6 +312,11 @@ def test_mapping_errors_name_the_table_and_column(market_db, tmp_path):
                                          FactorTable("b", "market.daily_basic", prefix="x_")))
     with pytest.raises(MappingError, match="x_turnover_rate"):
         make_exporter(market_db, tmp_path, clash).export_full("x", START)
+    with pytest.raises(MappingError, match="scale must be a finite non-zero number"):
+        FieldSpec("close_li", 0.0)
+    wide = ExportMapping(fields={**ExportMapping().fields, **{f"x{i}": FieldSpec("open_li", 0.001) for i in range(17)}})
+    with pytest.raises(MappingError, match="23 bar fields, at most 22 can be fingerprinted"):
+        make_exporter(market_db, tmp_path, wide).export_full("x", START)
     assert not (tmp_path / "x").exists()
 
 
