@@ -375,8 +375,7 @@ class QlibDailyExporter:
         when it cannot take them (then :meth:`_merged`)."""
         if stored is None:
             return None
-        delta = external_frame(frames.merge_sorted([(new_rows, None)], dtype=options.dtype), options)
-        return frames.patch_sorted(*stored, delta, set(), np.datetime64(prev_end, "ns"))
+        return frames.patch_sorted(*stored, _in_file_shape(new_rows, options), set(), np.datetime64(prev_end, "ns"))
 
     def _updated(self, snapshot_id: str, block: np.ndarray | None, current: pd.DataFrame | None,
                  new_rows: pd.DataFrame | None, history: pd.DataFrame | None, restated: list[str], new_end: date,
@@ -390,7 +389,7 @@ class QlibDailyExporter:
         n_new = 0 if new_rows is None else len(new_rows)
         ext = current
         if current is not None and history is not None:
-            delta = external_frame(frames.merge_sorted([(history, None)], dtype=options.dtype), options)
+            delta = _in_file_shape(history, options)
             replaced = set(qlib_format.instrument_names(restated, options.instruments))
             ext = frames.patch_sorted(block, current.index, list(current.columns), delta, replaced,
                                       np.datetime64(new_end, "ns"))
@@ -458,6 +457,12 @@ class QlibDailyExporter:
                             per_instrument=per_inst, restated=restated, rows_added=rows_added,
                             rows_rewritten=rows_rewritten, rows_read=rows_read, applied=applied, timings=timings,
                             sha256=meta["daily_pv_sha256"], export_id=export_id)
+
+
+def _in_file_shape(rows: pd.DataFrame, options: SnapshotOptions) -> pd.DataFrame:
+    """Rows read from the database as the file holds them — rounded to its dtype, sorted, renamed — for
+    :func:`frames.patch_sorted` (``change`` is left to it: it needs the stored closes)."""
+    return external_frame(frames.merge_sorted([(rows, None)], dtype=options.dtype), options)
 
 
 def _in_view(pool: ThreadPoolExecutor, reader: DBReader, s: ReadSession, work: Callable[[ReadSession], T]) -> Future:

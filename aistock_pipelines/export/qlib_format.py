@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aistock_pipelines.export.frames import first_last_dates, instrument_mask
+from aistock_pipelines.export.frames import first_last_dates, instrument_mask, instrument_row_counts
 
 _EXCHANGES = ("SH", "SZ", "BJ")
 _BLOCK = 4096  # the file system block (and page) size bins are extended by
@@ -339,10 +339,10 @@ class BinsBeside:
         self._jobs.append(self._pool.submit(self._rewrite, frame, set(names)))
 
     def _rewrite(self, frame: pd.DataFrame, names: set[str]) -> None:
-        rows = instrument_mask(frame.index, names)
-        present = set(map(str, frame.index.levels[1][np.unique(frame.index.codes[1][rows])])) if rows.any() else set()
+        part = frame[instrument_mask(frame.index, names)]
+        present = set(instrument_row_counts(part.index))
         if present:
-            write_bins(self.features_dir, frame[rows], self.calendar, self.fields)
+            write_bins(self.features_dir, part, self.calendar, self.fields)
         for gone in names - present:
             shutil.rmtree(self.features_dir / gone.lower(), ignore_errors=True)
 

@@ -347,8 +347,7 @@ class SnapshotWriter:
         remaining = [c for c in named.columns if c not in written] if options.qlib_bins else []
         # An incremental export recycles the newest stale version's features folder (BinReuse.recycle);
         # that version is deleted only once the bins are written, the others right away.
-        recycle = (max((p for p in stale if (p / "features").is_dir()), default=None)
-                   if rewrite is not None and remaining else None)
+        recycle = _recyclable(stale) if rewrite is not None and remaining else None
 
         def bins() -> None:
             t = time.perf_counter()
@@ -435,8 +434,7 @@ class SnapshotWriter:
         and passes the result to :meth:`write` as ``bins_beside``. ``ext`` must not change before the bins
         are written (``BinsBeside.wait``, or the exporter's second mapping of the stored file, which never
         changes). Caller holds :meth:`lock`."""
-        recycle = max((p for p in begun.stale if (p / "features").is_dir()), default=None)
-        reuse = self._bin_reuse(snapshot_id, calendar, set(), recycle)
+        reuse = self._bin_reuse(snapshot_id, calendar, set(), _recyclable(begun.stale))
         named = by_field(ext)
         ahead = qlib_format.BinsBeside(begun.path / "features", calendar, "ts_code", reuse=reuse)
         ahead.add(named, list(named.columns))
@@ -477,6 +475,11 @@ class SnapshotWriter:
             tmp.unlink()
         tmp.symlink_to(version.relative_to(self.root))
         os.replace(tmp, link)
+
+
+def _recyclable(stale: list[Path]) -> Path | None:
+    """The stale version whose ``features`` folder the next version recycles: the newest that has one."""
+    return max((p for p in stale if (p / "features").is_dir()), default=None)
 
 
 def debug_subset(ext: pd.DataFrame, options: SnapshotOptions) -> pd.DataFrame:
