@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aistock_pipelines.export.mapping import FIELD_MAPPING_DB_DAILY, ExportMapping, FactorTable, FieldSpec, MappingError
-from aistock_pipelines.export.snapshot_writer import SnapshotOptions
+from aistock_pipelines.export.snapshot_shape import SnapshotOptions
 
 
 class SnapshotConfigError(ValueError):

@@ -14,12 +14,16 @@ import tables
 
 from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.demo.market import advance_market
-from aistock_pipelines.export import qlib_format
+from aistock_pipelines.export import qlib_bins, qlib_format
 from aistock_pipelines.export.exporter import DataGateError, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, FactorTable, FieldSpec, MappingError
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader, ReaderError
-from aistock_pipelines.export.snapshot_writer import SnapshotLocked, SnapshotOptions, SnapshotWriter
+from aistock_pipelines.export.fingerprints import server_fingerprints
+from aistock_pipelines.export.row_fingerprints import client_fingerprints
+from aistock_pipelines.export.snapshot_shape import SnapshotOptions
+from aistock_pipelines.export.snapshot_writer import SnapshotWriter
+from aistock_pipelines.export.versions import SnapshotLocked
 
 pytestmark = pytest.mark.db
 
@@ -150,13 +154,13 @@ def test_bins_decode_to_the_h5_values(exported):
             assert file.exists()
             raw = file.read_bytes()
             assert len(raw) % 4 == 0
-            start, values = qlib_format.read_bin(file)
+            start, values = qlib_bins.read_bin(file)
             assert calendar[start] == sub.index[0], "element 0 is the calendar position of the first row"
             assert len(values) == len(calendar[(calendar >= sub.index[0]) & (calendar <= sub.index[-1])])
             on_calendar = pd.Series(values, index=calendar[start:start + len(values)])
             expected = sub[field].reindex(on_calendar.index).astype(np.float32).to_numpy()
             np.testing.assert_array_equal(on_calendar.to_numpy(), expected)
-    assert np.isnan(qlib_format.read_bin(path / "features" / suspended.lower() / "close.day.bin")[1]).any()
+    assert np.isnan(qlib_bins.read_bin(path / "features" / suspended.lower() / "close.day.bin")[1]).any()
 
 
 def test_restatement_then_incremental_equals_fresh_full_export(market_db, tmp_path):
@@ -189,7 +193,7 @@ def test_restatement_then_incremental_equals_fresh_full_export(market_db, tmp_pa
     plain = pd.DataFrame(np.ascontiguousarray(fresh.to_numpy()), index=fresh.index,
                          columns=[c.lstrip("$") for c in fresh.columns])
     calendar = qlib_format.read_calendar(tmp_path / "fresh" / "calendars" / "day.txt")
-    qlib_format.write_bins(tmp_path / "direct" / "features", plain, calendar, list(plain.columns))
+    qlib_bins.write_bins(tmp_path / "direct" / "features", plain, calendar, list(plain.columns))
     direct = {p.relative_to(tmp_path / "direct"): p.read_bytes() for p in (tmp_path / "direct" / "features").rglob("*.bin")}
     assert direct == fresh_bins
     assert len(list((tmp_path / ".versions").glob("inc@*"))) == 2, "the current version and the one it replaced"
@@ -234,7 +238,8 @@ def test_bins_written_before_the_restatements_are_known_leave_the_current_versio
     The current version (which a backtest may be reading) keeps its values; the new one has the restated
     ones; an instrument gone from the database loses its folder."""
     ex, _, path = exported
-    assert ex.writer.map_values("demo", 1) is not None, "the bins ahead read a second mapping of the stored file"
+    twin = ex.writer.map_values("demo", np.zeros((1, len(read_h5(path).columns))))
+    assert twin is not None and not twin.flags.writeable, "the bins ahead read a second, read-only mapping"
     engine = create_db_engine(market_db)
     previous = path.resolve()
     before = read_h5(previous)
@@ -328,7 +333,7 @@ def test_crash_mid_write_leaves_previous_snapshot_and_next_run_recovers(exported
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(qlib_format, "write_bins", crash)
+    monkeypatch.setattr(qlib_bins, "write_bins", crash)
     with pytest.raises(OSError, match="simulated"):
         ex.export_incremental("demo")
     pd.testing.assert_frame_equal(read_h5(path), before, check_exact=True)
@@ -396,15 +401,15 @@ def test_a_shared_view_is_the_same_database_state_on_a_second_connection(market_
     day = date(2022, 3, 1)
     with reader.session(shared=True) as s:
         assert s.snapshot
-        before = s.checksums(START, None, day, None)
+        before = server_fingerprints(s, START, None, day, None).table
         with reader.engine.begin() as conn:
             n = conn.execute(sa.text("UPDATE market.kline_daily_qfq SET close_li = close_li + 1 WHERE trade_date = :d"),
                              {"d": day}).rowcount
         assert n > 0
         with reader.session(snapshot=s.snapshot) as twin:
-            pd.testing.assert_frame_equal(twin.checksums(START, None, day, None), before)
+            pd.testing.assert_frame_equal(server_fingerprints(twin, START, None, day, None).table, before)
     with reader.session() as fresh:
-        after = fresh.checksums(START, None, day, None)
+        after = server_fingerprints(fresh, START, None, day, None).table
     traded = before.index[before["last_date"] == day]
     assert len(traded) == n and (after.loc[traded, "sum_all"] != before.loc[traded, "sum_all"]).all()
     with pytest.raises(ReaderError, match="malformed snapshot id"):
@@ -419,7 +424,7 @@ def test_a_view_that_cannot_be_shared_is_fingerprinted_first_with_the_same_resul
     None): the full export does the work meant for a second connection — the server's fingerprints, or the
     bars' count when the client counts the fingerprints — first, on its own connection, and then reads:
     the same file and the same stored fingerprints as the export that ran it beside the read."""
-    from aistock_pipelines.export.reader import ReadSession
+    from aistock_pipelines.export import row_fingerprints
 
     ex, _, path = exported
     before, states = read_h5(path), ex.meta.load("demo")
@@ -431,7 +436,7 @@ def test_a_view_that_cannot_be_shared_is_fingerprinted_first_with_the_same_resul
 
     monkeypatch.setattr(DBReader, "session", never_shared)
     if counted_by == "server":
-        monkeypatch.setattr(ReadSession, "row_fingerprints", lambda self, ts_codes: None)
+        monkeypatch.setattr(row_fingerprints, "client_fingerprints", lambda s, ts_codes: None)
     result = ex.export_full("demo", START)
     assert result.timings["checksums"] > 0 and result.rows == len(before)
     pd.testing.assert_frame_equal(read_h5(path), before, check_exact=True)
@@ -466,7 +471,7 @@ def test_fingerprints_are_their_documented_definition(market_db):
             expected[code, "old"] += row
     reader = DBReader(engine, DEMO_MAPPING, market_db)
     with reader.session() as s:
-        sums = s.checksums(START, date(2022, 3, 31), date(2022, 6, 30), codes)
+        sums = server_fingerprints(s, START, date(2022, 3, 31), date(2022, 6, 30), codes).table
     assert {(c, part): int(sums.loc[c, f"sum_{part}"]) for c in codes for part in ("old", "all")} == expected
     assert expected[codes[0], "old"] > 2**62  # the int8 split into halves was exercised
     reader.engine.dispose()
@@ -495,26 +500,26 @@ def test_fingerprints_counted_from_the_rows_read_equal_the_servers(market_db, tm
 
     def both() -> tuple:
         with reader.session() as s:
-            counted = s.row_fingerprints(None)
+            counted = client_fingerprints(s, None)
             s.load_daily_block(None, START, end, fingerprints=counted)
-            return counted, s.checksums(START, None, end, None)
+            return counted, server_fingerprints(s, START, None, end, None).table
 
     counted, server = both()
-    client = counted.frame()
-    assert client is not None, counted.failure
+    assert counted.result() is not None, counted.failure
+    client = counted.result().table
     pd.testing.assert_frame_equal(client.sort_index(), server.sort_index())
     assert "999999.SZ" not in client.index and client.loc[c, "rows_all"] == server.loc[c, "rows_all"] > 0
     with engine.begin() as conn:
         conn.exec_driver_sql(f"UPDATE market.kline_daily_qfq SET amount_li = 2^51 WHERE ts_code = '{a}' AND trade_date = '2022-03-03'")
     counted, server = both()
-    assert counted.frame() is None and "amount_li" in counted.failure
+    assert counted.result() is None and "amount_li" in counted.failure
     ex = make_exporter(market_db, tmp_path)  # … so the export asks the server, after its read
     ex.export_full("demo", START, end)
     stored = ex.meta.load("demo")
     assert {code: (st.rows, st.checksum) for code, st in stored.items()} == \
         {code: (int(n), s) for code, n, s in zip(server.index, server["rows_all"], server["sum_all"])}
     with reader.session() as s:
-        assert s.row_fingerprints([a]) is None  # listed codes: the raw close arrives divided into ``factor``
+        assert client_fingerprints(s, [a]) is None  # listed codes: the raw close arrives divided into ``factor``
     reader.engine.dispose()
 
 
@@ -524,7 +529,7 @@ def test_key_join_of_the_bulk_read_equals_the_view(market_db):
     NULL), a missing raw row, a factor row without a bar (dropped), a bar without factor rows (NaN). A factor
     table with a duplicate key is refused, naming the table and an example."""
     from aistock_pipelines.export.daily_features import create_view
-    from aistock_pipelines.export.reader import DataGateError
+    from aistock_pipelines.export.gates import DataGateError
 
     engine = create_db_engine(market_db)
     with engine.begin() as conn:
@@ -581,7 +586,7 @@ def test_prefetched_batches_keep_order_raise_errors_and_stop_early():
 
     import pyarrow as pa
 
-    from aistock_pipelines.export.reader import _prefetched
+    from aistock_pipelines.export.arrow_batches import prefetched as _prefetched
 
     schema = pa.schema([("x", pa.int64())])
     batches = [pa.record_batch([pa.array([i, i + 1])], schema=schema) for i in range(0, 40, 2)]

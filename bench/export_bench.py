@@ -96,7 +96,7 @@ def _exporter(url: str, root: str):
 
 
 def _options(variant: str):
-    from aistock_pipelines.export.snapshot_writer import SnapshotOptions
+    from aistock_pipelines.export.snapshot_shape import SnapshotOptions
 
     v = dict(VARIANTS[variant])
     ft = v.pop("factor_tables")
@@ -111,9 +111,9 @@ def _export_queries(url: str, variant: str) -> tuple[str, list[str], list[tuple[
     from aistock_pipelines.export.reader import BOUND_FUNCTIONS_DDL, READ_BOUNDS
 
     ex = _exporter(url, tempfile.gettempdir())
-    reader = ex._reader_for(_options(variant))
+    reader = ex.reader_for(_options(variant))
     with reader.session() as s:
-        end = s._arrow("SELECT max(trade_date) FROM market.kline_daily_qfq", ()).column(0)[0].as_py()
+        end = s.last_bar(None)
         tables = s.statements(False)
     join = (feature_select_sql(reader.resolved)
             + " WHERE b.trade_date BETWEEN pg_temp.aistock_read_start() AND pg_temp.aistock_read_end()")
@@ -200,7 +200,7 @@ def work_limit(p: dict) -> dict:
                     for block in copy:
                         n_bytes += len(block)
         runs["copy_stdout"].append(time.perf_counter() - t)
-    from aistock_pipelines.export.snapshot_writer import read_h5
+    from aistock_pipelines.export.stored_snapshot import read_h5
 
     frame = read_h5(Path(p["h5_source"]))  # the exported frame as the exporter holds it (row-major block)
     out = Path(p["out_h5"])
@@ -374,6 +374,66 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def prepare_database(instruments: int, days: int, pgdata: Path, db_url_arg: str | None, tmp: Path,
+                     facts: dict) -> dict:
+    """The seeded template (made once per size) and a fresh, vacuumed work copy of it: their names, the
+    work database's URL, the admin URL, the embedded server if this call started it, and what it holds."""
+    import psycopg
+    from psycopg import sql as psql
+    from sqlalchemy.engine import make_url
+
+    from aistock_pipelines.db import libpq_url
+    from aistock_pipelines.demo.market import MarketSpec
+    from aistock_pipelines.embedded_db import admin_server
+
+    admin_url, started_server = admin_server(db_url_arg, pgdata)
+
+    def db_url(name: str) -> str:
+        return libpq_url(make_url(admin_url).set(database=name).render_as_string(hide_password=False))
+
+    spec = MarketSpec(n_instruments=instruments, n_trading_days=days, start=START)
+    spec_hash = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:10]
+    template, work = f"bench_market_{spec_hash}", f"bench_work_{spec_hash}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        facts["postgres"] = conn.execute("SHOW server_version").fetchone()[0]
+        facts["postgres_settings"] = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in (
+            "shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit")}
+        facts["superuser"] = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+        have = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (template,)).fetchone()
+    seeded = None
+    if have:
+        with psycopg.connect(db_url(template), autocommit=True) as conn:
+            try:
+                got = conn.execute("SELECT spec FROM market.demo_market_info").fetchone()
+            except psycopg.Error:
+                got = None
+        if got and got[0] == spec.to_json():
+            seeded = {"reused": True}
+    if seeded is None:
+        log(f"seeding {instruments} instruments × {days} days into {template} (once per size)")
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psql.Identifier(template)))
+            conn.execute(psql.SQL("CREATE DATABASE {}").format(psql.Identifier(template)))
+        seeded = run_worker("seed", {"url": db_url(template), "instruments": instruments, "days": days}, tmp, "seed")
+        seeded["reused"] = False
+        log(f"seeded {seeded['bars']:,} bars in {seeded['seconds']:.0f} s")
+    t = time.perf_counter()
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psql.Identifier(work)))
+        conn.execute(psql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
+            psql.Identifier(work), psql.Identifier(template)))
+    url = db_url(work)
+    with psycopg.connect(url, autocommit=True) as conn:
+        bars = conn.execute("SELECT count(*) FROM market.kline_daily_qfq").fetchone()[0]
+        n_inst = conn.execute("SELECT count(DISTINCT ts_code) FROM market.kline_daily_qfq").fetchone()[0]
+        db_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        conn.execute("VACUUM ANALYZE")  # visibility map + statistics, as a maintained database has
+    log(f"work database {work}: {bars:,} bars, {n_inst} instruments, {db_bytes / 2**30:.1f} GiB "
+        f"(copied in {time.perf_counter() - t:.0f} s)")
+    return {"url": url, "admin_url": admin_url, "work": work, "template": template, "server": started_server,
+            "spec": spec.to_json(), "seed": seeded, "bars": bars, "instruments": n_inst, "db_bytes": db_bytes}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -407,61 +467,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import psycopg
     from psycopg import sql as psql
-    from sqlalchemy.engine import make_url
-
-    from aistock_pipelines.db import libpq_url
-    from aistock_pipelines.demo.market import MarketSpec
-    from aistock_pipelines.embedded_db import admin_server
 
     facts = machine_facts()
     t_all = time.perf_counter()
-    admin_url, started_server = admin_server(args.db_url, args.pgdata)
-
-    def db_url(name: str) -> str:
-        return libpq_url(make_url(admin_url).set(database=name).render_as_string(hide_password=False))
-
-    spec = MarketSpec(n_instruments=args.instruments, n_trading_days=args.days, start=START)
-    spec_hash = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:10]
-    template, work = f"bench_market_{spec_hash}", f"bench_work_{spec_hash}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        facts["postgres"] = conn.execute("SHOW server_version").fetchone()[0]
-        facts["postgres_settings"] = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in (
-            "shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit")}
-        facts["superuser"] = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-        have = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (template,)).fetchone()
-    seeded = None
-    if have:
-        with psycopg.connect(db_url(template), autocommit=True) as conn:
-            try:
-                got = conn.execute("SELECT spec FROM market.demo_market_info").fetchone()
-            except psycopg.Error:
-                got = None
-        if got and got[0] == spec.to_json():
-            seeded = {"reused": True}
     tmp = Path(tempfile.mkdtemp(prefix="aistock-bench-"))
+    db = prepare_database(args.instruments, args.days, args.pgdata, args.db_url, tmp, facts)
+    url, admin_url, work, template, started_server = db["url"], db["admin_url"], db["work"], db["template"], db["server"]
     try:
-        if seeded is None:
-            log(f"seeding {args.instruments} instruments × {args.days} days into {template} (once per size)")
-            with psycopg.connect(admin_url, autocommit=True) as conn:
-                conn.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psql.Identifier(template)))
-                conn.execute(psql.SQL("CREATE DATABASE {}").format(psql.Identifier(template)))
-            seeded = run_worker("seed", {"url": db_url(template), "instruments": args.instruments, "days": args.days},
-                                tmp, "seed")
-            seeded["reused"] = False
-            log(f"seeded {seeded['bars']:,} bars in {seeded['seconds']:.0f} s")
-        t = time.perf_counter()
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psql.Identifier(work)))
-            conn.execute(psql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
-                psql.Identifier(work), psql.Identifier(template)))
-        url = db_url(work)
-        with psycopg.connect(url, autocommit=True) as conn:
-            bars = conn.execute("SELECT count(*) FROM market.kline_daily_qfq").fetchone()[0]
-            n_inst = conn.execute("SELECT count(DISTINCT ts_code) FROM market.kline_daily_qfq").fetchone()[0]
-            db_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
-            conn.execute("VACUUM ANALYZE")  # visibility map + statistics, as a maintained database has
-        log(f"work database {work}: {bars:,} bars, {n_inst} instruments, {db_bytes / 2**30:.1f} GiB "
-            f"(copied in {time.perf_counter() - t:.0f} s)")
         root = args.snapshots
         if root.exists():  # a run with --keep left its snapshots
             shutil.rmtree(root)
@@ -470,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                 "inode creation for ~35 s after a mass delete, see docs/performance.md)")
             time.sleep(45)
         root.mkdir(parents=True)
-        res: dict = {"spec": spec.to_json(), "bars": bars, "instruments": n_inst, "db_bytes": db_bytes,
-                     "seed": seeded, "machine": facts, "repeat": args.repeat, "baseline_repeat": baseline_repeat,
+        res: dict = {"spec": db["spec"], "bars": db["bars"], "instruments": db["instruments"],
+                     "db_bytes": db["db_bytes"], "seed": db["seed"], "machine": facts, "repeat": args.repeat, "baseline_repeat": baseline_repeat,
                      "events": args.events, "variants": variants, "started": datetime.now(timezone.utc).isoformat()}
 
         main_variant = variants[0]

@@ -53,7 +53,7 @@ from aistock_pipelines.db import create_db_engine, libpq_url  # noqa: E402
 from aistock_pipelines.demo.market import MarketSpec, seed_demo_market  # noqa: E402
 from aistock_pipelines.embedded_db import EmbeddedPostgres, admin_server  # noqa: E402
 from aistock_pipelines.export.reader import DBReader  # noqa: E402
-from aistock_pipelines.export.snapshot_writer import SnapshotOptions  # noqa: E402
+from aistock_pipelines.export.snapshot_shape import SnapshotOptions  # noqa: E402
 from aistock_pipelines.live import FrameLatestBarProvider, LiveDataAdapter  # noqa: E402
 from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE  # noqa: E402
 from aistock_pipelines.snapshot_config import load_snapshots_file  # noqa: E402
@@ -119,7 +119,7 @@ def _time(adapter: TimedAdapter, call, repeat: int) -> dict:
     on a shared 2-core machine the wall time depends on what else runs, the CPU time much less."""
     call(), call()  # warm-up: mapping resolution, catalogue, buffer cache
     with adapter.reader.session(adapter._conn) as s:  # the adapter's own (reused) connection
-        pid = s._arrow("SELECT pg_backend_pid()", ()).column(0)[0].as_py()
+        pid = s.arrow("SELECT pg_backend_pid()", ()).column(0)[0].as_py()
     adapter.read_s = []
     times = []
     cpu0, server0 = time.process_time(), _backend_cpu_s(pid)

@@ -4,9 +4,12 @@ One definition, evaluated two ways:
 
 * by the server, in SQL, without shipping rows (:func:`weighted_sums`, :func:`bar_sums`) — every incremental
   export, and a full export whose rows cannot be fingerprinted on the client;
-* by the client, from the rows a full export reads anyway (:class:`RowFingerprints`) — the server then
+* by the client, from the rows a full export reads anyway (:mod:`row_fingerprints`) — the server then
   only scans and converts, which matters because a full export is CPU-bound on the server and the client
-  together (docs/performance.md).
+  together.
+
+Either way the result is a :class:`Fingerprints`, and comparisons with what was stored happen in one place
+(:meth:`Fingerprints.restated`).
 
 Definition: Σ over the instrument's bar rows of (1·open + 3·high + 7·low + 13·close + 17·x₅ + 19·x₆ + … )
 × (days since 1990-01-01 + 1), plus 41 × Σ over its raw-table rows (bar or not) of raw close × the same
@@ -19,12 +22,15 @@ of the rows gives the same number — which is what lets the client add it up ba
 from __future__ import annotations
 
 import time
-from datetime import date
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Protocol
 
-import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from aistock_pipelines.export.mapping import ExportMapping, FieldSpec, MappingError
+from aistock_pipelines.export.mapping import ExportMapping, MappingError, ResolvedMapping, quote_table
+from aistock_pipelines.export.meta_repo import InstrumentState
 
 EPOCH = date(1990, 1, 1)
 EPOCH_SQL = "DATE '1990-01-01'"
@@ -32,7 +38,6 @@ PRIMES = [1, 3, 7, 13, 17, 19, 23, 29, 31, 37, 43, 47, 53, 59, 61, 67, 71, 73, 7
 RAW_WEIGHT = 41
 INTEGER_TYPES = ("smallint", "integer")
 _TWO32 = 4294967296
-_EPOCH_DAYS = (EPOCH - date(1970, 1, 1)).days  # days since 1970 → since 1990 (+1: the definition's day)
 
 
 def field_order(mapping: ExportMapping) -> list[str]:
@@ -47,8 +52,7 @@ def field_order(mapping: ExportMapping) -> list[str]:
 def weighted_sums(terms: list[tuple[int, str, str, bool]], day: str) -> str:
     """SQL: Σ over the group's rows of (Σ weight × column) × ``day``, exactly, for ``terms`` of (weight,
     column SQL, data type, cast to int8), in as few aggregates as exactness allows: each aggregate costs the
-    server per row (the bars' part alone at 5.6 M rows: 0.68–0.78 s as 3 sums, 0.82–0.91 s as 8; the
-    whole fingerprint query, which also scans the raw table, gained less than its run-to-run spread).
+    server per row.
 
     * int2/int4 columns: the weighted row value is added up in int8 and multiplied by the day, one sum;
     * int8 columns (and columns cast to int8): split into 32-bit halves, whose weighted row values are two
@@ -81,151 +85,88 @@ def bar_sums(mapping: ExportMapping, bar_types: dict[str, str], alias: str = "b"
     return weighted_sums(terms, day)
 
 
-# ------------------------------------------------------------------------------------- the client's way
-
-#: Recovered integers must stay below this: a scaled float then determines its integer (see
-#: :meth:`RowFingerprints._integers`), and a row's weighted sum (Σ weights ≤ 1002 < 2¹⁰) stays below 2⁶⁰.
-_MAX_INT = 2.0 ** 50
-#: A row's weighted sum is added up as three 20-bit limbs (the top one signed, |·| < 2²⁰), each × the day
-#: (|day| < 2¹⁶) summed per instrument in float64 by ``bincount`` — exact while a sum stays below 2⁵³: at
-#: most 2¹⁷ rows per instrument and batch (a batch is cut into chunks of that many rows).
-_LIMBS, _LIMB_BITS, _CHUNK, _MAX_DAY = 3, 20, 1 << 17, 1 << 16
 
 
-class RowFingerprints:
-    """The fingerprints of :mod:`this module <aistock_pipelines.export.fingerprints>`, added up from the
-    rows of a bulk read as they arrive: the bars' batches (values as read: the mapping's scaled float8s,
-    NULL as NaN) and the raw table's (raw close as float8, 0 and NULL as NaN — both count 0), before any
-    row is joined or dropped. Raw rows without a bar count, as on the server.
+@dataclass(frozen=True)
+class Fingerprints:
+    """Per instrument (index ``ts_code``, sorted): ``rows_old``/``sum_old`` over the range already exported,
+    ``rows_all``/``sum_all`` over the whole range (sums as decimal text: exact integers of any size),
+    ``first_date``/``last_date``; and the seconds it took to compute them."""
 
-    Exactness: each value's integer is recovered from its scaled float and accepted only when the
-    mapping's scaling of that integer gives the float back bit for bit (below 2⁵⁰ in magnitude, distinct
-    integers have distinct scaled floats for any scale: their distance, |scale|, is more than the floats'
-    rounding). A value that is not (a numeric column, a scale that lost digits, an amount above 2⁵⁰) stops
-    the count: :meth:`frame` then returns None and the server computes the fingerprints instead."""
+    table: pd.DataFrame
+    seconds: float = 0.0
 
-    def __init__(self, mapping: ExportMapping, bar_names: list[str], raw: bool) -> None:
-        order = field_order(mapping)
-        weight = dict(zip(order, PRIMES))
-        #: per column of the bars' values: (column number, weight, scaling); the other columns are not summed
-        self._terms = [(j, weight[n], mapping.fields[n]) for j, n in enumerate(bar_names) if n in weight]
-        #: the raw close, unscaled (None: no raw table)
-        self._raw = FieldSpec(f"{mapping.raw_table}.{mapping.fields['close'].column}") if raw else None
-        self.failure: str | None = None
-        self.seconds = 0.0
-        self._parts: dict[str, list[tuple[list[str], np.ndarray]]] = {"bars": [], "raw": []}
+    def rows(self) -> int:
+        return int(self.table["rows_all"].sum())
 
-    # ----------------------------------------------------------------------------------------- rows
+    def row_counts(self) -> dict[str, int]:
+        """Rows per instrument with rows in the whole range."""
+        return {c: int(n) for c, n in self.table["rows_all"].items() if n > 0}
 
-    def add_bars(self, days: np.ndarray, codes: np.ndarray, dictionary: list[str], values: np.ndarray) -> None:
-        """One batch of bars: ``days`` since 1970, ``codes`` into ``dictionary``, ``values`` (rows, columns)."""
-        self._add("bars", days, codes, dictionary, lambda rows: self._row_sums(values[rows]))
+    def restated(self, stored: dict[str, InstrumentState]) -> set[str]:
+        """Instruments whose rows up to the previous end differ from what was exported (or vanished)."""
+        out = set()
+        for code, rows_old, sum_old in zip(self.table.index, self.table["rows_old"], self.table["sum_old"]):
+            st = stored.get(code)
+            if st is None:
+                if rows_old > 0:
+                    out.add(code)
+            elif rows_old != st.rows or str(sum_old) != st.checksum:
+                out.add(code)
+        return out | (set(stored) - set(self.table.index))
 
-    def add_raw(self, days: np.ndarray, codes: np.ndarray, dictionary: list[str], close: np.ndarray) -> None:
-        """One batch of the raw table: its close, unscaled."""
-        if self._raw is not None:
-            self._add("raw", days, codes, dictionary, lambda rows: self._integers(close[rows], self._raw))
-
-    def _add(self, part: str, days: np.ndarray, codes: np.ndarray, dictionary: list[str], row_sums) -> None:
-        if self.failure is not None or not len(days):
-            return
-        t = time.perf_counter()
-        try:
-            for lo in range(0, len(days), _CHUNK):
-                rows = slice(lo, lo + _CHUNK)
-                sums = row_sums(rows)
-                if sums is None:
-                    return
-                day = days[rows].astype(np.int64) - (_EPOCH_DAYS - 1)
-                if len(day) and (day.min() <= -_MAX_DAY or day.max() >= _MAX_DAY):
-                    self.failure = "a trade_date outside 1810–2169"
-                    return
-                self._parts[part].append((dictionary, _per_code(codes[rows], len(dictionary), day, sums)))
-        finally:
-            self.seconds += time.perf_counter() - t
-
-    def _row_sums(self, values: np.ndarray) -> np.ndarray | None:
-        """Per row Σ weight × integer (int64, |·| < 2⁶⁰), or None (and :attr:`failure` set)."""
-        total = np.zeros(len(values), dtype=np.int64)
-        for j, weight, spec in self._terms:
-            x = self._integers(values[:, j], spec)
-            if x is None:
-                return None
-            total += weight * x
-        return total
-
-    def _integers(self, v: np.ndarray, spec: FieldSpec) -> np.ndarray | None:
-        """The integers whose scaling (``spec``) gives ``v``, NaN → 0; None where that is not exact."""
-        v = v.astype(np.float64, copy=False)  # native, contiguous: read once per operation below
-        divisor = spec.divisor()
-        x = np.rint(v * divisor) if divisor is not None else np.rint(v / spec.scale)
-        exact = spec.apply(x) == v  # False where v is NaN
-        if not exact.all():
-            nan = np.isnan(v)
-            x[nan] = 0.0
-            exact |= nan
-        if not exact.all() or (len(x) and max(x.max(), -x.min()) >= _MAX_INT):
-            self.failure = f"{spec.column}: a value that is not an integer below 2^50 after undoing its scale {spec.scale!r}"
-            return None
-        return x.astype(np.int64)
-
-    # ---------------------------------------------------------------------------------------- result
-
-    def frame(self) -> pd.DataFrame | None:
-        """Per instrument with bars, as :meth:`ReadSession.checksums <aistock_pipelines.export.reader.
-        ReadSession.checksums>` returns it for a full range (no old part): rows_old, sum_old, rows_all,
-        sum_all, first_date, last_date, indexed by ts_code. None if a value could not be counted
-        (:attr:`failure` says which)."""
-        if self.failure is not None:
-            return None
-        t = time.perf_counter()
-        bars = _by_code(self._parts["bars"])
-        raw = _by_code(self._parts["raw"]).reindex(bars.index, fill_value=0)
-        sums = [_limb_total(row_limbs) + RAW_WEIGHT * _limb_total(raw_limbs) for row_limbs, raw_limbs in
-                zip(bars[list(range(_LIMBS))].to_numpy().tolist(), raw[list(range(_LIMBS))].to_numpy().tolist())]
-        out = pd.DataFrame({
-            "rows_old": np.zeros(len(bars), dtype=np.int64), "sum_old": "0",
-            "rows_all": bars["rows"].to_numpy(dtype=np.int64), "sum_all": [str(s) for s in sums],
-            "first_date": _dates(bars["first"]), "last_date": _dates(bars["last"]),
-        }, index=pd.Index(bars.index, name="ts_code"))
-        self.seconds += time.perf_counter() - t
-        return out
+    def states(self, codes: list[str], export_id: str) -> list[InstrumentState]:
+        """What the meta repo stores for ``codes`` after an export ``export_id``."""
+        rows = self.table.loc[codes, ["first_date", "last_date", "rows_all", "sum_all"]]
+        return [InstrumentState(c, first, last, int(n), str(checksum), export_id)
+                for c, first, last, n, checksum in zip(rows.index, rows["first_date"], rows["last_date"],
+                                                       rows["rows_all"], rows["sum_all"])]
 
 
-def _per_code(codes: np.ndarray, n: int, day: np.ndarray, sums: np.ndarray) -> np.ndarray:
-    """Per dictionary entry: limb sums × day (``_LIMBS`` columns), rows, first and last day (int64)."""
-    out = np.zeros((n, _LIMBS + 3), dtype=np.int64)
-    day_f8 = day.astype(np.float64)
-    for k in range(_LIMBS):
-        limb = sums >> (_LIMB_BITS * k)
-        if k < _LIMBS - 1:
-            limb = limb & ((1 << _LIMB_BITS) - 1)
-        out[:, k] = np.bincount(codes, weights=limb * day_f8, minlength=n)
-    out[:, _LIMBS] = np.bincount(codes, minlength=n)
-    first = np.full(n, np.iinfo(np.int64).max)
-    last = np.full(n, np.iinfo(np.int64).min)
-    np.minimum.at(first, codes, day)
-    np.maximum.at(last, codes, day)
-    out[:, _LIMBS + 1], out[:, _LIMBS + 2] = first, last
-    return out
+class _Session(Protocol):
+    resolved: ResolvedMapping
+
+    def arrow(self, query: str, params: tuple) -> pa.Table: ...
+
+    def column_types(self, table: str) -> dict[str, str]: ...
+
+    def universe_clause(self, ts_codes: list[str] | None, param_no: int, alias: str = "b") -> tuple[str, tuple]: ...
 
 
-def _by_code(parts: list[tuple[list[str], np.ndarray]]) -> pd.DataFrame:
-    """The batches' per-code arrays added up per code (limbs and rows summed, first/last the extremes)."""
-    columns = [*range(_LIMBS), "rows", "first", "last"]
-    if not parts:
-        return pd.DataFrame(np.zeros((0, len(columns)), dtype=np.int64), columns=columns)
-    names = [c for dictionary, _ in parts for c in dictionary]
-    frame = pd.DataFrame(np.concatenate([a for _, a in parts]), index=names, columns=columns)
-    frame = frame[frame["rows"] > 0]
-    grouped = frame.groupby(level=0, sort=True)
-    return grouped.sum().assign(first=grouped["first"].min(), last=grouped["last"].max())
+def server_fingerprints(s: _Session, start: date, split: date | None, end: date,
+                        ts_codes: list[str] | None) -> Fingerprints:
+    """The server's fingerprints, in ``s``'s view: "old" over [start, split], "all" over [start, end].
 
-
-def _limb_total(limbs: list[int]) -> int:
-    return sum(int(s) << (_LIMB_BITS * k) for k, s in enumerate(limbs))
-
-
-def _dates(day: pd.Series) -> np.ndarray:
-    """The definition's day numbers → ``datetime.date`` objects (as the server's frame has them)."""
-    return (day.to_numpy(dtype=np.int64) + (_EPOCH_DAYS - 1)).astype("datetime64[D]").astype(object)
+    Each row is aggregated once: the old part and the part after ``split`` are separate GROUP BYs and "all"
+    is their exact (numeric) sum — the part after ``split`` is the new days, an index range scan. The raw
+    table's term is aggregated on its own and joined per instrument, not per row — the same value whenever
+    each raw row in the range has its bar; a raw row without a bar only makes the instrument count as
+    changed."""
+    t = time.perf_counter()
+    m = s.resolved.mapping
+    universe, uparams = s.universe_clause(ts_codes, 4)
+    split = max(split or start - timedelta(days=1), start - timedelta(days=1))
+    parts = {"o": "BETWEEN $1 AND $2", "n": "> $2 AND {a}.trade_date BETWEEN $1 AND $3"}
+    types = s.column_types(m.bars_table)
+    ctes = [f"b{part} AS (SELECT b.ts_code, count(*) AS n, {bar_sums(m, types)} AS s, min(b.trade_date) AS "
+            f"first_date, max(b.trade_date) AS last_date FROM {quote_table(m.bars_table)} b WHERE b.trade_date "
+            f"{parts[part].format(a='b')}{universe} GROUP BY b.ts_code)" for part in ("o", "n")]
+    raw_old = raw_all = "0"
+    joins = ""
+    if m.raw_table:
+        close = m.fields["close"].column
+        raw_type = s.column_types(m.raw_table).get(close, "")
+        raw_universe, _ = s.universe_clause(ts_codes, 4, alias="r")
+        term = weighted_sums([(1, f'r."{close}"', raw_type, True)], f"(r.trade_date - {EPOCH_SQL} + 1)")
+        ctes += [f"r{part} AS (SELECT r.ts_code, {term} AS s FROM {quote_table(m.raw_table)} r WHERE r.trade_date "
+                 f"{parts[part].format(a='r')}{raw_universe} GROUP BY r.ts_code)" for part in ("o", "n")]
+        joins = "LEFT JOIN ro ON ro.ts_code = k.ts_code LEFT JOIN rn ON rn.ts_code = k.ts_code"
+        raw_old, raw_all = "coalesce(ro.s, 0)", "coalesce(ro.s, 0) + coalesce(rn.s, 0)"
+    q = (f"WITH {', '.join(ctes)} SELECT k.ts_code, coalesce(bo.n, 0) AS rows_old, "
+         f"(coalesce(bo.s, 0) + {RAW_WEIGHT} * {raw_old})::text AS sum_old, coalesce(bo.n, 0) + coalesce(bn.n, 0) AS rows_all, "
+         f"(coalesce(bo.s, 0) + coalesce(bn.s, 0) + {RAW_WEIGHT} * ({raw_all}))::text AS sum_all, "
+         f"least(bo.first_date, bn.first_date) AS first_date, greatest(bo.last_date, bn.last_date) AS last_date "
+         f"FROM (SELECT ts_code FROM bo UNION SELECT ts_code FROM bn) k "
+         f"LEFT JOIN bo ON bo.ts_code = k.ts_code LEFT JOIN bn ON bn.ts_code = k.ts_code {joins} ORDER BY k.ts_code")
+    table = s.arrow(q, (start, split, end, *uparams)).to_pandas().set_index("ts_code")
+    return Fingerprints(table, time.perf_counter() - t)

@@ -20,7 +20,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from aistock_pipelines.export import qlib_format
+from aistock_pipelines.export import qlib_bins, qlib_format
 from aistock_pipelines.export.mapping import ExportMapping
 
 H5_NAME = "daily_pv.h5"
@@ -159,7 +159,7 @@ def check_bins(snapshot_dir: Path, frame: pd.DataFrame, sample: int = BIN_SAMPLE
             if not path.exists():
                 mismatches.append(f"{path.relative_to(snapshot_dir)} missing")
                 continue
-            start, values = qlib_format.read_bin(path)
+            start, values = qlib_bins.read_bin(path)
             offsets = pos - start
             if (offsets < 0).any() or (offsets >= len(values)).any():
                 mismatches.append(f"{name}/{_plain(column)}: rows outside the bin's span")

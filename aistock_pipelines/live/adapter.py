@@ -32,10 +32,12 @@ from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.export import qlib_format
-from aistock_pipelines.export.exporter import DataGateError, DataNotReady, check_gates, finalize
+from aistock_pipelines.export.gates import DataGateError, DataNotReady, check_gates, finalize
 from aistock_pipelines.export.mapping import PRICE_FIELDS, ResolvedMapping
-from aistock_pipelines.export.reader import INDEX_NAMES, DBReader, ReadSession, logical_frame
-from aistock_pipelines.export.snapshot_writer import SnapshotOptions, read_view
+from aistock_pipelines.export.derived import logical_frame
+from aistock_pipelines.export.frames import INDEX_NAMES
+from aistock_pipelines.export.reader import DBReader, ReadSession
+from aistock_pipelines.export.snapshot_shape import SnapshotOptions, read_view
 from aistock_pipelines.live.latest_bar import PRE_CLOSE, LatestBarProvider, validate_latest_bars
 
 EXCHANGE_TZ = ZoneInfo("Asia/Shanghai")

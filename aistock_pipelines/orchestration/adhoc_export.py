@@ -14,9 +14,9 @@ from typing import Literal
 from dagster import Config, Failure, OpExecutionContext, Output, job, op
 from pydantic import Field
 
-from aistock_pipelines.export.exporter import DataGateError
+from aistock_pipelines.export.gates import DataGateError
 from aistock_pipelines.export.mapping import MappingError
-from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotOptions
+from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions
 from aistock_pipelines.orchestration.snapshot_assets import build_exporter, result_metadata
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotsFile

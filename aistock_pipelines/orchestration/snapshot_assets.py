@@ -32,7 +32,8 @@ from aistock_pipelines.export.exporter import DataGateError, ExportResult, QlibD
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
-from aistock_pipelines.export.snapshot_writer import SnapshotError, SnapshotWriter
+from aistock_pipelines.export.snapshot_shape import SnapshotError
+from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile

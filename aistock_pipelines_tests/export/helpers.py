@@ -11,7 +11,8 @@ from aistock_pipelines.export.exporter import QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, FactorTable, FieldSpec
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
-from aistock_pipelines.export.snapshot_writer import SnapshotOptions, SnapshotWriter
+from aistock_pipelines.export.snapshot_shape import SnapshotOptions
+from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 
 DEMO_MAPPING = ExportMapping(factor_tables=(
     FactorTable("daily_basic", "market.daily_basic", prefix="db_"),
