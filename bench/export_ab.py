@@ -74,6 +74,24 @@ def _options(variant: str):
     return SnapshotOptions(**v, factor_tables=tuple(ft) if ft is not None else None)
 
 
+def _snapshot_digest(path: Path) -> str:
+    """sha256 over the h5 frame's index, columns and values and every bin's bytes (the h5 file's own bytes
+    differ between any two writes: HDF5 records object times)."""
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.read_hdf(path / "daily_pv.h5", key="data")
+    h = hashlib.sha256()
+    h.update(np.asarray(frame.index.codes[0]).tobytes() + np.asarray(frame.index.codes[1]).tobytes())
+    h.update("\n".join(map(str, [*frame.index.levels[0], *frame.index.levels[1], *frame.columns])).encode())
+    h.update(np.ascontiguousarray(frame.to_numpy()).tobytes())
+    for f in sorted((path / "features").rglob("*.bin")):
+        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 def worker_main(code: str, task: str, params_file: str, out_file: str) -> None:
     import resource
     import warnings
@@ -87,7 +105,8 @@ def worker_main(code: str, task: str, params_file: str, out_file: str) -> None:
     else:
         r = ex.export_incremental(p["snapshot_id"])
     ex.reader.engine.dispose()
-    doc = {"seconds": r.timings["total"], "timings": r.timings, "rows": r.rows, "sha256": r.sha256,
+    digest = _snapshot_digest(Path(p["root"]) / p["snapshot_id"]) if p.get("digest") else None
+    doc = {"seconds": r.timings["total"], "timings": r.timings, "rows": r.rows, "digest": digest,
            "restated": len(r.restated), "imported": str(imported),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     Path(out_file).write_text(json.dumps(doc, default=str))
@@ -161,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 for arm in order:
                     sid = f"{arm}_{variant}_{last}"
-                    doc = run(arms[arm], "incremental", {"url": url, "root": str(root), "snapshot_id": sid},
-                              tmp, f"inc-{sid}-{rep}")
+                    doc = run(arms[arm], "incremental", {"url": url, "root": str(root), "snapshot_id": sid,
+                                                         "digest": rep == args.rounds - 1}, tmp, f"inc-{sid}-{rep}")
                     res["incremental"].setdefault(f"{arm}/{variant}", []).append(doc)
                     eb.log(f"incremental {arm} {variant}: {doc['seconds']:.2f} s")
         for variant in variants:  # the arms' snapshots are the same bytes
-            digests = {res["incremental"][f"{arm}/{variant}"][-1]["sha256"] for arm in names}
+            digests = {res["incremental"][f"{arm}/{variant}"][-1]["digest"] for arm in names}
             res.setdefault("same_output", {})[variant] = len(digests) == 1
     finally:
         shutil.rmtree(root, ignore_errors=True)

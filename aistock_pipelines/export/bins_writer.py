@@ -13,7 +13,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from aistock_pipelines.export.frames import instrument_mask, instrument_row_counts
@@ -97,8 +96,3 @@ class BinsWriter:
         for job in self._jobs:
             job.cancel()
         self._pool.shutdown(wait=True)
-
-
-def writable_copy_if_shared(values: np.ndarray) -> np.ndarray:
-    """``values`` itself when nothing else may write it (read-only), else a copy a bins writer may hold."""
-    return values if not values.flags.writeable else values.copy()

@@ -5,10 +5,9 @@ table (bars, raw bars, each factor table), keyed by ``(ts_code, trade_date)``, w
 left join (:func:`joined_select`) is the view ``market.daily_features`` that the ``market/daily_features``
 asset publishes, so SQL users, notebooks and AIstock see exactly the rows a snapshot is built from. The
 reader runs the same SELECTs bounded by a read's dates and codes: over a date range one per table, joined on
-the key in Python — the server then only scans and converts (at 5.6 M bars: 11–14 s of server time against
-21–24 s for the SQL join, ``docs/performance.md``) — and for a list of codes the joined form per code. The
-per-row derivations that need Python (adjusted volume, vwap, change) are in
-:mod:`aistock_pipelines.export.reader`."""
+the key in Python — the server then only scans and converts, about half its work for the SQL join — and for
+a list of codes the joined form per code. The per-row derivations that need Python (adjusted volume, vwap,
+change) are in :mod:`aistock_pipelines.export.derived`."""
 
 from __future__ import annotations
 
@@ -63,9 +62,8 @@ class SourceSelect:
         (``float8send``) of the columns in order, NULL sent as NaN (which it becomes in the frame anyway).
 
         Why: a bulk read's client cost is per field, not per byte — the ADBC driver decodes each field of
-        each row through a chain of calls (measured at 5.6 M bars × 21 columns: 12.5 s of client CPU for
-        the four tables' SELECTs, 7.5 s packed, and 10 % less server time, the output functions of the
-        float8 columns included). The packed bytes are one ``numpy.frombuffer`` for :mod:`reader`."""
+        each row through a chain of calls; packed, the client decodes a row at once and the server runs
+        fewer output functions. The packed bytes are one ``numpy.frombuffer`` (:mod:`arrow_batches`)."""
         if self.joined:
             raise ValueError("packed_sql renders one table's SELECT, not a join")
         a = self.alias

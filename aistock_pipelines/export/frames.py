@@ -1,13 +1,13 @@
 """(datetime, instrument) frames reshaped through their integer index codes.
 
-The snapshot frame has millions of rows (REFERENCE §5: 6 M) but only thousands of dates and instruments.
+The snapshot frame has millions of rows but only thousands of dates and instruments.
 Sorting, merging, renaming instruments and per-instrument arithmetic therefore work on the MultiIndex codes
 and on the few level values — never on per-row Python objects (``get_level_values``, ``sort_index`` and
-``groupby`` on an object level build or hash millions of them; measured: seconds per call at 5.6 M rows).
+``groupby`` on an object level build or hash millions of them: seconds per call at this size).
 
 Frames built here hold their values in one float64 (or the snapshot dtype) block. ``layout="C"`` puts a row's
 values next to each other: pandas' fixed-format HDF5 writer stores such a block as it is, where a
-column-major block is first transposed into a full copy (1 GB and seconds at 5.6 M × 21).
+column-major block is first transposed into a full copy.
 """
 
 from __future__ import annotations
@@ -201,9 +201,8 @@ def patch_sorted(block: np.ndarray, index: pd.MultiIndex, columns: list[str], de
     block[n:n + k] = values[before:]
     new_dates = np.unique(row_dates[before:])
     all_dates = np.concatenate([dates, new_dates])
-    # The new codes in the smallest type pandas keeps them in (it would copy wider ones down): at 5.6 M rows
-    # int64 codes cost 0.33 s, mostly the first touch of 90 MB of fresh pages. The stored instruments' codes
-    # are kept as they are unless a new instrument sorts among them.
+    # The new codes in the smallest type pandas keeps them in (it would copy wider ones down into fresh
+    # pages). The stored instruments' codes are kept as they are unless a new instrument sorts among them.
     t0, t1 = _code_type(len(all_dates)), _code_type(len(all_names))
     codes0 = np.concatenate([c0.astype(t0, copy=False),
                              (len(dates) + np.searchsorted(new_dates, row_dates[before:])).astype(t0)])

@@ -1,6 +1,6 @@
-"""Field mapping: logical field → database column with its unit scale (the seed's FIELD_MAPPING_DB_DAILY).
+"""Field mapping: logical field → database column with its unit scale (``FIELD_MAPPING_DB_DAILY``).
 
-The seed's mapping was a pure rename; the real AIstock columns need unit conversion too (厘 → yuan,
+A pure rename is not enough: the real AIstock columns need unit conversion too (厘 → yuan,
 手 → shares). Defaults match the real schema, so a user with that database needs no mapping file. Factor
 tables keyed ``(ts_code, trade_date)`` join in with a column prefix or an explicit mapping; two sources
 producing one logical name is rejected when the mapping is built, not when a file is half written.
@@ -69,7 +69,7 @@ class FieldSpec:
         return col / divisor if divisor is not None else col * self.scale
 
 
-#: The real AIstock qfq layout (REFERENCE §1): prices in 厘, volume in 手, amount in 厘.
+#: The real AIstock qfq layout: prices in 厘 (yuan × 1000), volume in 手 (100 shares), amount in 厘.
 FIELD_MAPPING_DB_DAILY: dict[str, FieldSpec] = {
     "open": FieldSpec("open_li", 0.001, "yuan (qfq)"),
     "high": FieldSpec("high_li", 0.001, "yuan (qfq)"),

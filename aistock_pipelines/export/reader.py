@@ -29,7 +29,7 @@ from aistock_pipelines.db import libpq_url
 from aistock_pipelines.export.arrow_batches import prefetched, statement_batches
 from aistock_pipelines.export.daily_features import SourceSelect, joined_select, source_selects
 from aistock_pipelines.export.frames import finish_in_place
-from aistock_pipelines.export.gates import DataGateError, DataNotReady
+from aistock_pipelines.export.gates import DataNotReady
 from aistock_pipelines.export.key_join import KeyJoin, OnReady
 from aistock_pipelines.export.mapping import ExportMapping, ResolvedMapping, quote_table, resolve_mapping
 from aistock_pipelines.export.row_fingerprints import RowFingerprints
@@ -274,7 +274,7 @@ class ReadSession:
 
 
 class DBReader:
-    """Seed §5.3 interface over a SQLAlchemy engine (catalogue checks) and ADBC (bulk reads)."""
+    """The reader of a mapping: a SQLAlchemy engine (catalogue checks) and ADBC connections (bulk reads)."""
 
     def __init__(self, engine: Engine, mapping: ExportMapping | None = None, url: str | None = None):
         self.engine = engine

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from aistock_pipelines.db import create_db_engine
+from aistock_pipelines.export import frames
 from aistock_pipelines.export.exporter import QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, FactorTable, FieldSpec
 from aistock_pipelines.export.meta_repo import MetaRepo
@@ -14,6 +17,7 @@ from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 
+START = date(2021, 1, 4)
 DEMO_MAPPING = ExportMapping(factor_tables=(
     FactorTable("daily_basic", "market.daily_basic", prefix="db_"),
     FactorTable("moneyflow", "market.moneyflow", columns={
@@ -44,3 +48,14 @@ def read_h5(path: Path) -> pd.DataFrame:
 def read_bins(path: Path) -> dict[Path, bytes]:
     """Every bin of a snapshot folder: path relative to the folder → bytes."""
     return {p.relative_to(path): p.read_bytes() for p in (path / "features").rglob("*.bin")}
+
+
+def panel(calendar: list[date], names: list[str], skip: set[tuple[int, str]]) -> pd.DataFrame:
+    """Rows for every (day, name) except ``skip`` (suspensions), values that differ per cell."""
+    keys = [(d, n) for d, day in enumerate(calendar) for n in names if (d, n) not in skip]
+    dates = np.array(calendar, dtype="datetime64[D]").astype("datetime64[ns]")
+    c0 = np.array([d for d, _ in keys])
+    c1 = np.array([names.index(n) for _, n in keys])
+    values = np.column_stack([c0 * 1.5 + c1, -(c0 + 0.25) * (c1 + 1)]).astype(np.float64)
+    return pd.DataFrame(values, index=frames.make_index(dates, c0, np.array(names, dtype=object), c1),
+                        columns=["close", "volume"])

@@ -9,7 +9,6 @@ updates these digests in the same commit and says why.
 from __future__ import annotations
 
 import hashlib
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,10 @@ import pytest
 
 from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.demo.market import advance_market
-from aistock_pipelines_tests.export.helpers import make_exporter, options_for
+from aistock_pipelines_tests.export.helpers import START, make_exporter, options_for
 
 pytestmark = pytest.mark.db
 
-START = date(2021, 1, 4)
 
 #: variant → (digest after the full export, after the first incremental, after the second)
 PINNED = {
