@@ -3,7 +3,7 @@
     .venv/bin/python bench/export_ab.py --old /path/to/old/checkout            # 4,000 × 1,500, 3 rounds
     .venv/bin/python bench/export_ab.py --old ../ab-old --small                # smoke run
 
-Arms: ``old`` (the checkout given by ``--old``), ``new`` (this checkout) and ``old2`` (the old checkout
+Arms: ``old`` (the checkout given by ``--old``), ``new`` (``--new``, default this checkout) and ``old2`` (the old checkout
 again: the spread between ``old`` and ``old2`` is the harness's own noise). Every measurement runs in its
 own Python process whose ``sys.path`` starts with the arm's checkout; the worker checks that
 ``aistock_pipelines`` was imported from there and records the file it imported (an A/B once compared the
@@ -132,6 +132,7 @@ def run(code: Path, task: str, params: dict, tmp: Path, label: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--old", type=Path, required=True, help="checkout of the old engine")
+    ap.add_argument("--new", type=Path, default=REPO, help="checkout of the new engine (default: this one)")
     ap.add_argument("--instruments", type=int, default=4000)
     ap.add_argument("--days", type=int, default=1500)
     ap.add_argument("--rounds", type=int, default=3)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     import psycopg
     from psycopg import sql as psql
 
-    arms = {"old": args.old.resolve(), "new": REPO, "old2": args.old.resolve()}
+    arms = {"old": args.old.resolve(), "new": args.new.resolve(), "old2": args.old.resolve()}
     variants = args.variants.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="aistock-ab-"))
     facts = eb.machine_facts()
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                  "started": datetime.now(timezone.utc).isoformat(), "machine": facts, "bars": db["bars"]}
     names = list(arms)
     try:
+        res["file_creation_us"] = eb.settle_file_system(root)
         for r in range(args.rounds):
             order = names[r % 3:] + names[:r % 3]
             for variant in variants:

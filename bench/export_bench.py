@@ -58,7 +58,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from datetime import date, datetime, timezone
 from pathlib import Path
 
