@@ -7,6 +7,7 @@ options, universe, start) rebuilds in full instead of mixing rows.
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 
 from aistock_pipelines.export.build import ExportResult, SnapshotBuild, declaration_hash
@@ -17,10 +18,12 @@ from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader, check_codes
 from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions, check_snapshot_id
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
+from aistock_pipelines.export.stored_snapshot import StoredSnapshotMismatch
 from aistock_pipelines.export.timing import PhaseTimer
 
 __all__ = ["DataGateError", "DataNotReady", "ExportResult", "QlibDailyExporter", "check_gates", "declaration_hash",
            "finalize"]
+log = logging.getLogger(__name__)
 
 
 class QlibDailyExporter:
@@ -56,11 +59,17 @@ class QlibDailyExporter:
             universe = ts_codes if ts_codes is not None else meta["universe"]
             snap_start = start or date.fromisoformat(meta["start"])
             mapping = self.reader_for(options).resolved
+            rebuild = self._build(snapshot_id, "rebuild", snap_start, universe, options)
+            until = max(end or date.fromisoformat(meta["end"]), date.fromisoformat(meta["end"]))
             if declaration_hash(snap_start, universe, options, mapping.fingerprint()) != meta.get("declaration_hash"):
-                prev_end = date.fromisoformat(meta["end"])
-                build = self._build(snapshot_id, "rebuild", snap_start, universe, options)
-                return run_full(build, max(end or prev_end, prev_end))
-            return run_incremental(self._build(snapshot_id, "incremental", snap_start, universe, options), meta, end)
+                return run_full(rebuild, until)
+            try:
+                return run_incremental(self._build(snapshot_id, "incremental", snap_start, universe, options), meta, end)
+            except StoredSnapshotMismatch as e:  # nothing stored is reused: the snapshot is made anew
+                log.warning("%s", e)
+                result = run_full(rebuild, end and until)
+                result.errors.append(str(e))
+                return result
 
     def reader_for(self, options: SnapshotOptions) -> DBReader:
         """The reader over the mapping the options' ``factor_tables`` select (one per selection)."""

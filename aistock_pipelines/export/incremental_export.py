@@ -27,7 +27,7 @@ from aistock_pipelines.export.fingerprints import Fingerprints, server_fingerpri
 from aistock_pipelines.export.gates import DataGateError, check_gates
 from aistock_pipelines.export.snapshot_shape import by_field, external_frame, in_file_shape
 from aistock_pipelines.export.snapshot_writer import PendingBins
-from aistock_pipelines.export.stored_snapshot import StoredBlock
+from aistock_pipelines.export.stored_snapshot import StoredBlock, verify_h5
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def run_incremental(build: SnapshotBuild, meta: dict, end: date | None) -> Expor
     states = build.meta.load(build.snapshot_id)
     trusted = bool(states) and all(st.export_id == meta["export_id"] for st in states.values())
     try:
-        reads = _read(build, prev_end, end, states, trusted)
+        reads = _read(build, meta, end, states, trusted)
         if not reads.restated and reads.new_rows is None:
             return ExportResult(build.snapshot_id, "unchanged", build.start, prev_end, build.writer.path(build.snapshot_id),
                                 instruments=meta["instrument_count"], rows=meta["row_count"],
@@ -81,16 +81,17 @@ def run_incremental(build: SnapshotBuild, meta: dict, end: date | None) -> Expor
         raise
 
 
-def _read(build: SnapshotBuild, prev_end: date, end: date | None, states: dict, trusted: bool) -> Reads:
+def _read(build: SnapshotBuild, meta: dict, end: date | None, states: dict, trusted: bool) -> Reads:
     """Stages 1–3 (module docstring) in one REPEATABLE READ view."""
     timer, universe = build.timer, build.universe
+    prev_end, sha256 = date.fromisoformat(meta["end"]), meta["daily_pv_sha256"]
     with build.reader.session() as s, ThreadPoolExecutor(2, thread_name_prefix="incremental") as pool:
         new_end, days = s.read_range(build.start, max(end or prev_end, prev_end) if end else None)
         new_end = max(new_end, prev_end)
         days = [d for d in days if d <= new_end]
         with timer.phase("read_db"):
             n_new = s.count_bars(prev_end, new_end, universe) if new_end > prev_end else 0
-            stored_job = pool.submit(_read_stored, build, n_new) if n_new else None
+            stored_job = pool.submit(_read_stored, build, n_new, sha256) if n_new else None
             new_rows = s.load_daily(universe, prev_end + timedelta(days=1), new_end) if n_new else None
         fingerprints_job = pool.submit(server_fingerprints, s, build.start, prev_end, new_end, universe)
         stored, current = _append_new_days(build, stored_job, new_rows, days, prev_end) if n_new else (None, None)
@@ -100,13 +101,15 @@ def _read(build: SnapshotBuild, prev_end: date, end: date | None, states: dict, 
         with timer.phase("read_db"):
             history = s.load_daily(restated, build.start, new_end) if restated else None
         if not n_new and (restated or new_rows is not None):  # restatements only: the stored block as it is
-            stored = _read_stored(build, 0)
+            stored = _read_stored(build, 0, sha256)
             current = stored.frame() if stored is not None else None
         return Reads(new_end, days, new_rows, restated, history, stored, current, fingerprints, s.rows_read)
 
 
-def _read_stored(build: SnapshotBuild, spare: int) -> StoredBlock | None:
+def _read_stored(build: SnapshotBuild, spare: int, sha256: str) -> StoredBlock | None:
+    """The stored block (:meth:`SnapshotWriter.read_block`), once its file is verified against ``sha256``."""
     with build.timer.phase("read_snapshot"):
+        verify_h5(build.writer.path(build.snapshot_id) / "daily_pv.h5", sha256)
         return build.writer.read_block(build.snapshot_id, spare)
 
 
@@ -187,9 +190,9 @@ def _built(reads: Reads, patched: Patched) -> Built:
 
 
 def _pending_bins(build: SnapshotBuild, reads: Reads) -> PendingBins:
-    """The bins ahead, or — none started — every bin extended from the current version but the restated."""
-    if build.bins is not None:
+    """The bins ahead, or — none started — every bin, extending an older version's files where they can be
+    (:meth:`SnapshotVersions.bin_reuse`) but the restated instruments'."""
+    if build.bins is not None or not build.options.qlib_bins:
         return PendingBins(beside=build.bins)
-    version = build.begin()
     rewrite = set(qlib_format.instrument_names(sorted(reads.restated), build.options.instruments))
-    return PendingBins(reuse=build.writer.bin_reuse(build.snapshot_id, reads.days, rewrite, version.recyclable()))
+    return PendingBins(reuse=build.writer.bin_reuse(build.snapshot_id, reads.days, rewrite, build.begin()))

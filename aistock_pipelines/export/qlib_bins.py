@@ -1,4 +1,4 @@
-"""Qlib's ``features/<sym>/<field>.day.bin`` files, written anew or extended from the current version's.
+"""Qlib's ``features/<sym>/<field>.day.bin`` files, written anew or extended from an older version's.
 
 Format (what ``qlib.init(provider_uri=…)`` reads): little-endian float32; element 0 is the instrument's
 start position in ``calendars/day.txt`` (as a float32), then one value per calendar day from that position
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -27,18 +27,18 @@ _BLOCK = 4096  # the file system block (and page) size bins are extended by
 
 @dataclass(frozen=True)
 class BinReuse:
-    """The current version's bins, offered to the next version of the same snapshot.
+    """Bins of an older version whose inodes the new version may extend: the ``features`` folder of the
+    version the current one replaced, moved into the new version in one rename (``recycled``: its
+    instrument folders). ``spans``: file name (as in ``all.txt``) → (first, last) calendar position of
+    those bins, whose calendar is a prefix of the new one. ``rewrite``: names whose history changed since
+    (written anew). A file is extended only if it has one link (no other version or release holds it), is
+    at least as long as its span and was not modified after ``trusted_before`` (when that version was
+    completed): anything else is replaced by a new file."""
 
-    ``spans``: file name (as in ``all.txt``) → (first, last) calendar position of the current bin; the
-    current calendar is a prefix of the new one. ``rewrite``: names whose history changed (written anew).
-    ``recycle``: the ``features`` folder of a version about to be deleted (the one the current version
-    replaced): it becomes the new version's, in one rename, and each of its files that is the same inode as
-    the current version's is extended where it is — no link, no unlink later."""
-
-    features: Path
     spans: dict[str, tuple[int, int]]
-    rewrite: set[str] = field(default_factory=set)
-    recycle: Path | None = None
+    recycled: frozenset[str]
+    trusted_before: float
+    rewrite: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -156,12 +156,11 @@ def write_bins(features_dir: Path, frame: pd.DataFrame, calendar: list[date], fi
     """Write every instrument's bins; returns the number of files. ``frame`` is indexed (datetime,
     instrument) with plain logical column names.
 
-    With ``reuse``, an instrument whose history did not change and whose first day is the same gets hard
-    links to the current version's files, extended in place by the new days: one ``pwrite`` of whole blocks
-    from the block holding the current version's last day, then ``ftruncate`` to the exact length. Readers
-    of the current version never see a change — Qlib reads a bin only up to its own calendar's end — and a
-    crashed run leaves nothing a rerun does not overwrite. New files are written by ``workers`` threads
-    (the system calls release the GIL), extensions by two; an extension that falls back is written anew."""
+    With ``reuse``, an instrument whose history did not change and whose first day is the same has its
+    recycled files extended by the days they lack: one ``pwrite`` of whole blocks from the block holding
+    their last day, then ``ftruncate`` to the exact length. No file another version or a release holds is
+    ever written (:func:`_extend`). New files are written by ``workers`` threads (the system calls release
+    the GIL), extensions by two; an extension that falls back is written anew."""
     plan = plan if plan is not None else bin_plan(frame.index, calendar, reuse)
     files = _BinFiles(features_dir, frame, fields, plan, reuse)
     fresh = [(code, a, b) for code, a, b in plan.groups if plan.old_last[code] < 0]
@@ -190,7 +189,7 @@ class _BinFiles:
         self.files = [f"{f.lower()}.day.bin" for f in fields]
         self.plan, self.reuse = plan, reuse
         self.features = str(features_dir)
-        self.recycled = _recycle(reuse.recycle if reuse is not None else None, features_dir)
+        self.recycled = reuse.recycled if reuse is not None else frozenset()
         features_dir.mkdir(parents=True, exist_ok=True)
 
     def folder(self, name: str) -> str:
@@ -225,13 +224,13 @@ class _BinFiles:
         return [code for code, a, b in part if not self.extend(code, a, b)]
 
     def extend(self, code: int, a: int, b: int) -> bool:
-        """Link the current files and append this instrument's new days; False if any file cannot be
-        reused (then the instrument is written anew — never through a link)."""
+        """Append this instrument's new days to its recycled files; False if any file cannot be extended
+        (then the instrument is written anew, its recycled files unlinked — never written)."""
         name = str(self.plan.names[code]).lower()
-        in_recycled = name in self.recycled
-        target = os.path.join(self.features, name) if in_recycled else self.folder(name)
+        if name not in self.recycled:
+            return False
         ext = self.plan.extension(code)
-        p = self.plan.pos_sorted[a:b]  # the rows from the block holding the current end on
+        p = self.plan.pos_sorted[a:b]  # the rows from the block holding the old end on
         length = 4 * (int(p[-1]) - ext.first + 2)
         e0 = ext.offset // 4  # element e ≥ 1 of the file is position first + e − 1
         span = np.full((len(self.files), (-(-length // _BLOCK) * _BLOCK - ext.offset) // 4), np.nan, dtype="<f4")
@@ -240,90 +239,57 @@ class _BinFiles:
         k = int(np.searchsorted(p, ext.first_position))  # rows from the first rewritten position on
         if k < len(p):
             span[:, p[k:] - ext.first + 1 - e0] = self.values(self.plan.order[a + k:b])
-        try:  # names relative to the two folders: the kernel resolves each long path once, not per call
-            src = os.open(os.path.join(str(self.reuse.features), name), os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            return False
-        dst = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        folder = os.open(os.path.join(self.features, name), os.O_RDONLY | os.O_DIRECTORY)
         try:
             for i, file in enumerate(self.files):
-                if not _extend(src, dst, file, span[i].tobytes(), ext.offset, ext.valid, length, in_recycled):
-                    for entry in os.listdir(dst):  # links (and a recycled folder's files): none may stay
-                        os.unlink(entry, dir_fd=dst)
+                if not _extend(folder, file, span[i].tobytes(), ext.offset, ext.valid, length,
+                               self.reuse.trusted_before):
+                    for entry in os.listdir(folder):  # none of its files may stay
+                        os.unlink(entry, dir_fd=folder)
                     return False
             return True
         finally:
-            os.close(src)
-            os.close(dst)
+            os.close(folder)
 
 
-def _recycle(stale_features: Path | None, features_dir: Path) -> set[str]:
-    """Move a stale version's ``features`` folder to be the new version's, in one rename; returns the
-    instrument folders it brought (empty when there is none to move or the new version has its folder
-    already). Their files are kept only where :func:`_recycled_file` finds them to be the current
-    version's, and a folder the new version has no instrument for is deleted by :func:`write_bins`."""
-    if stale_features is None or features_dir.exists():
-        return set()
+def recycle(features: Path, features_dir: Path) -> frozenset[str]:
+    """Move an older version's ``features`` folder to be the new version's, in one rename; returns the
+    instrument folders it brought (none when there is no folder to move or the new version has one already).
+    A folder the new version has no instrument for is deleted by :func:`write_bins`."""
+    if features_dir.exists():
+        return frozenset()
     try:
-        os.rename(stale_features, features_dir)
-    except OSError:  # gone (a run that crashed after moving it), or on another file system: bins are linked
-        return set()
-    return set(os.listdir(features_dir))
+        os.rename(features, features_dir)
+    except OSError:  # gone, or on another file system: the bins are written anew
+        return frozenset()
+    return frozenset(os.listdir(features_dir))
 
 
-def _extend(src_dir: int, dst_dir: int, name: str, data: bytes, offset: int, valid: int, length: int,
-            recycled: bool) -> bool:
-    """Make ``name`` in folder ``dst_dir`` the current version's file of that name (folder ``src_dir``; open
-    descriptors), whose first ``valid`` bytes are known to be right, ``length`` bytes long: ``data`` (whole
-    blocks from ``offset`` ≤ ``valid``: the bytes there now, then the new ones) written in place, then
-    truncated to ``length``. The file is the one already in a recycled folder when it is the current
-    version's inode (:func:`_recycled_file`), else a new hard link. False (and no name left) when the source
-    is missing or shorter than ``valid``."""
-    opened = _recycled_file(src_dir, dst_dir, name) if recycled else None
-    if opened is None:
-        try:
-            os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
-        except FileNotFoundError:
-            return False
-        fd = os.open(name, os.O_WRONLY, dir_fd=dst_dir)
-        size = os.fstat(fd).st_size
-    else:
-        fd, size = opened
+def _extend(folder: int, name: str, data: bytes, offset: int, valid: int, length: int, trusted_before: float) -> bool:
+    """Extend ``name`` in an open folder to ``length`` bytes: ``data`` (whole blocks from ``offset`` ≤
+    ``valid``: the bytes there now, then the new ones) written in place, then truncated to ``length``. Only
+    a file with one link, at least ``valid`` bytes long and not modified after ``trusted_before``; False
+    (and the name unlinked) otherwise."""
     try:
-        if size < valid:
-            os.unlink(name, dir_fd=dst_dir)
+        fd = os.open(name, os.O_WRONLY, dir_fd=folder)
+    except FileNotFoundError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if st.st_nlink != 1 or st.st_size < valid or st.st_mtime > trusted_before:
+            os.unlink(name, dir_fd=folder)
             return False
         os.pwrite(fd, data, offset)
-        os.ftruncate(fd, length)  # the block's padding, and bytes a crashed run appended beyond the end
+        os.ftruncate(fd, length)  # the block's padding
     finally:
         os.close(fd)
     return True
 
 
-def _recycled_file(src_dir: int, dst_dir: int, name: str) -> tuple[int, int] | None:
-    """(open descriptor, size) of ``name`` in a recycled folder ``dst_dir`` when it is the same inode as the
-    current version's (``src_dir``) — extending it saves a link now and an unlink later; None otherwise,
-    after unlinking whatever other file was there (it is never written)."""
-    try:
-        fd = os.open(name, os.O_WRONLY, dir_fd=dst_dir)
-    except FileNotFoundError:
-        return None
-    mine = os.fstat(fd)
-    try:
-        theirs = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
-        if (mine.st_ino, mine.st_dev) == (theirs.st_ino, theirs.st_dev):
-            return fd, mine.st_size
-    except FileNotFoundError:
-        pass
-    os.close(fd)
-    os.unlink(name, dir_fd=dst_dir)
-    return None
-
-
 def _write_bytes(folder_fd: int, name: str, data: np.ndarray) -> None:
     """A new file ``name`` in an open folder holding ``data`` (a contiguous array, written without a copy),
-    never a write into an existing file: a name left there may be a hard link whose inode the current
-    version shares (a failed extension, a recycled folder)."""
+    never a write into an existing file: a name left there may be a hard link whose inode another version
+    or a release holds."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
         fd = os.open(name, flags, 0o644, dir_fd=folder_fd)

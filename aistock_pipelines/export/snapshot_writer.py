@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -50,8 +50,8 @@ class VersionContent:
 @dataclass(frozen=True)
 class PendingBins:
     """The bins a version still needs: the fields a :class:`BinsWriter` is writing already (``beside``), and
-    how :meth:`SnapshotWriter.write` writes the others — anew, or extended from the current version
-    (``reuse``, which may recycle a stale version's ``features`` folder)."""
+    how :meth:`SnapshotWriter.write` writes the others — anew, or extending an older version's files
+    (``reuse``: :meth:`SnapshotVersions.bin_reuse`)."""
 
     beside: BinsWriter | None = None
     reuse: BinReuse | None = None
@@ -74,11 +74,11 @@ class SnapshotWriter(SnapshotVersions):
         return map_h5_values(self.path(snapshot_id) / "daily_pv.h5", appended)
 
     def bins_ahead(self, snapshot_id: str, version: NewVersion, source: pd.DataFrame, calendar: list[date]) -> BinsWriter:
-        """Start writing every bin of ``source`` (the file's frame, read-only) into ``version``: each
-        instrument's files extended from the current version's (recycling the newest stale version's
-        ``features`` folder) before the caller knows which instruments were restated; it then has those
-        rewritten (:meth:`BinsWriter.rewrite`). Caller holds :meth:`lock`."""
-        reuse = self.bin_reuse(snapshot_id, calendar, set(), version.recyclable())
+        """Start writing every bin of ``source`` (the file's frame, read-only) into ``version``, extending the
+        files of the version the current one replaced where they can be (:meth:`bin_reuse`), before the
+        caller knows which instruments were restated; it then has those rewritten (:meth:`BinsWriter.rewrite`).
+        Caller holds :meth:`lock`."""
+        reuse = self.bin_reuse(snapshot_id, calendar, set(), version)
         named = by_field(source)
         ahead = BinsWriter(version.path / "features", calendar, "ts_code", reuse=reuse)
         ahead.add(named, list(named.columns))
@@ -95,11 +95,10 @@ class SnapshotWriter(SnapshotVersions):
         qlib_format.write_instruments(path / "instruments" / "all.txt", spans)
         written = bins.beside.fields if bins.beside is not None else []
         remaining = [c for c in named.columns if c not in written] if content.options.qlib_bins else []
-        recycle = bins.reuse.recycle.parent if bins.reuse is not None and bins.reuse.recycle and remaining else None
         with ThreadPoolExecutor(2, thread_name_prefix="bins") as pool:
             bins_job = (pool.submit(self._bins, path, named, content.calendar, remaining, bins, timer)
                         if content.options.qlib_bins else None)
-            cleared = pool.submit(self._clear, version.stale, recycle, bins_job, timer)
+            cleared = pool.submit(self._clear, version.stale, timer)
             digest = self._write_h5_files(snapshot_id, path, content, timer)
             with timer.phase("wait_bins"):
                 if bins_job is not None:
@@ -108,7 +107,7 @@ class SnapshotWriter(SnapshotVersions):
         n_bins = len(spans) * len(named.columns) if content.options.qlib_bins else 0  # a file per instrument and field
         with timer.phase("write_meta"):
             meta = {**content.meta, "snapshot_id": snapshot_id, "market": self.market, "freq": "day",
-                    "daily_pv_sha256": digest,
+                    "daily_pv_sha256": digest, "replaces": self.current_name(snapshot_id),
                     "files": {"daily_pv.h5": (path / "daily_pv.h5").stat().st_size,
                               "rdagent_debug/daily_pv.h5": (path / "rdagent_debug" / "daily_pv.h5").stat().st_size,
                               "bins": n_bins}}
@@ -128,15 +127,11 @@ class SnapshotWriter(SnapshotVersions):
                 bins.beside.result()
 
     @staticmethod
-    def _clear(stale: list[Path], recycle: Path | None, after: Future | None, timer: PhaseTimer) -> None:
-        """Delete the superseded versions; the recycled one once the bins moved its folders out."""
+    def _clear(stale: list[Path], timer: PhaseTimer) -> None:
+        """Delete the superseded versions (a recycled one's ``features`` folder was moved out before)."""
         with timer.phase("clear_versions"):
             for p in stale:
-                if p != recycle:
-                    remove_tree(p, workers=1)
-            if recycle is not None:
-                wait([after] if after is not None else [])
-                remove_tree(recycle, workers=1)
+                remove_tree(p, workers=1)
 
     def _write_h5_files(self, snapshot_id: str, path: Path, content: VersionContent, timer: PhaseTimer) -> str:
         """``daily_pv.h5``, the RD-Agent folders; returns the h5's sha256."""

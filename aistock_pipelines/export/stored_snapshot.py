@@ -231,6 +231,19 @@ def map_h5_values(path: Path, appended: np.ndarray) -> np.ndarray | None:
     return twin
 
 
+class StoredSnapshotMismatch(SnapshotError):
+    """A stored file is not what its version recorded (changed by hand, or damaged): it is not reused."""
+
+
+def verify_h5(path: Path, expected_sha256: str) -> None:
+    """Refuse a stored ``daily_pv.h5`` whose bytes differ from the sha256 its version recorded."""
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise StoredSnapshotMismatch(f"{path} does not match the sha256 its version recorded in meta.json "
+                                     f"({actual[:12]}… instead of {expected_sha256[:12]}…): it was changed after "
+                                     "the export; the snapshot is rebuilt by a full export")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from aistock_pipelines.export import qlib_format
-from aistock_pipelines.export.qlib_bins import BinReuse
+from aistock_pipelines.export.qlib_bins import BinReuse, recycle
 from aistock_pipelines.export.snapshot_shape import SNAPSHOT_ID, SnapshotError, check_snapshot_id
 
 
@@ -42,9 +42,6 @@ class NewVersion:
     path: Path
     stale: list[Path]
 
-    def recyclable(self) -> Path | None:
-        """The stale version whose ``features`` folder the new version recycles: the newest that has one."""
-        return max((p for p in self.stale if (p / "features").is_dir()), default=None)
 
 
 class SnapshotVersions:
@@ -107,6 +104,11 @@ class SnapshotVersions:
         if self.path(snapshot_id).resolve() != begun.path.resolve():
             remove_tree(begun.path, workers=1)
 
+    def current_name(self, snapshot_id: str) -> str | None:
+        """The folder name of the version the snapshot's symlink points at (None: no version yet)."""
+        link = self.path(snapshot_id)
+        return link.resolve().name if link.is_symlink() else None
+
     def swap(self, snapshot_id: str, version: Path) -> None:
         """Point the snapshot's symlink at ``version``, atomically."""
         link = self.path(snapshot_id)
@@ -118,18 +120,23 @@ class SnapshotVersions:
         tmp.symlink_to(version.relative_to(self.root))
         os.replace(tmp, link)
 
-    def bin_reuse(self, snapshot_id: str, calendar: list[date], rewrite: set[str],
-                  recycle: Path | None) -> BinReuse | None:
-        """What the current version offers the next one: its bins and each instrument's calendar span, if
-        its calendar is a prefix of the new one (positions then mean the same days); and the folders of
-        ``recycle``, a stale version."""
+    def bin_reuse(self, snapshot_id: str, calendar: list[date], rewrite: set[str], version: NewVersion) -> BinReuse | None:
+        """The bins the new ``version`` may extend instead of writing anew: those of the version the current
+        one replaced (its predecessor, never the current version's own files, which a reader may hold), when
+        the current version was made from it by an incremental export and its calendar is a prefix of
+        ``calendar``. Its ``features`` folder is moved into ``version`` now; ``rewrite`` (file names) and the
+        instruments the current version restated are written anew."""
         current = self.path(snapshot_id)
-        if not (current.is_symlink() and (current / "features").is_dir()):
+        meta = self.read_meta(snapshot_id) if current.is_symlink() else None
+        if meta is None or meta.get("last_export", {}).get("mode") != "incremental" or not meta.get("replaces"):
             return None
-        current = current.resolve()
+        previous = self.root / ".versions" / meta["replaces"]
+        if previous not in version.stale or not (previous / "meta.json").is_file() or not (previous / "features").is_dir():
+            return None
         try:
-            old_calendar = qlib_format.read_calendar(current / "calendars" / "day.txt")
-            lines = (current / "instruments" / "all.txt").read_text().splitlines()
+            old_calendar = qlib_format.read_calendar(previous / "calendars" / "day.txt")
+            lines = (previous / "instruments" / "all.txt").read_text().splitlines()
+            trusted_before = (previous / "meta.json").stat().st_mtime
         except OSError:
             return None
         if calendar[:len(old_calendar)] != old_calendar:
@@ -141,7 +148,9 @@ class SnapshotVersions:
             a, b = position.get(date.fromisoformat(first)), position.get(date.fromisoformat(last))
             if a is not None and b is not None:
                 spans[name] = (a, b)
-        return BinReuse(current / "features", spans, rewrite, recycle / "features" if recycle is not None else None)
+        since = qlib_format.instrument_names(meta["last_export"].get("restated", []), meta["options"]["instruments"])
+        recycled = recycle(previous / "features", version.path / "features")
+        return BinReuse(spans, recycled, trusted_before, frozenset(rewrite) | frozenset(str(n) for n in since))
 
 
 def remove_tree(path: Path, workers: int = 4) -> None:

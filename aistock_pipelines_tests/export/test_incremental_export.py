@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -89,9 +90,9 @@ def test_a_history_that_lost_a_day_is_merged_and_equals_a_fresh_export(exported,
 
 def test_bins_written_before_the_restatements_are_known_leave_the_current_version_intact(exported, market_db, tmp_path):
     """An incremental export has every bin extended from the current version's files while the server still
-    computes the fingerprints — restated instruments' too, through links to the current version's inodes.
-    The current version (which a backtest may be reading) keeps its values; the new one has the restated
-    ones; an instrument gone from the database loses its folder."""
+    computes the fingerprints — restated instruments' too. The current version (which a backtest may be
+    reading) keeps every byte; the new one has the restated values; an instrument gone from the database
+    loses its folder."""
     ex, _, path = exported
     twin = ex.writer.map_values("demo", np.zeros((1, len(read_h5(path).columns))))
     assert twin is not None and not twin.flags.writeable, "the bins ahead read a second, read-only mapping"
@@ -108,8 +109,7 @@ def test_bins_written_before_the_restatements_are_known_leave_the_current_versio
     assert set(adv.restated) <= set(got.restated) and gone in got.restated and got.applied == "merge"
     assert path.resolve() != previous and previous.exists()
     pd.testing.assert_frame_equal(read_h5(previous), before, check_exact=True)
-    for name, data in old_bins.items():  # extended in place, perhaps: the old bytes are a prefix
-        assert (previous / name).read_bytes()[:len(data)] == data, name
+    assert read_bins(previous) == old_bins, "the previous version's bins keep every byte"
     assert not (path / "features" / gone.lower()).exists() and gone not in (path / "instruments" / "all.txt").read_text()
     ex.export_full("fresh", START)
     fresh = read_bins(tmp_path / "fresh")
@@ -127,3 +127,48 @@ def test_incremental_is_idempotent(exported, market_db):
     assert second.mode == "unchanged" and second.sha256 == first.sha256
     assert path.resolve() == version, "nothing rewritten"
     assert read_h5(path).index.is_unique
+
+
+def test_incremental_exports_never_write_into_files_older_versions_or_others_hold(exported, market_db, tmp_path):
+    """Three incremental exports with restatements: each keeps the version it replaced byte for byte, the
+    third extends the files of the first's version (recycled, their own inodes) — but never a file a
+    second name holds (a release's hard link), which keeps its bytes — and equals a fresh full export."""
+    ex, _, path = exported
+    engine = create_db_engine(market_db)
+    held = tmp_path / "held.bin"
+    for i in range(3):
+        advance_market(engine, events=4)
+        previous = path.resolve()
+        before_h5, before_bins = read_h5(previous), read_bins(previous)
+        if i == 2:
+            target = next((path / "features").iterdir()) / "close.day.bin"
+            os.link(target, held)  # as a release holds a version's files
+            held_bytes = held.read_bytes()
+        assert ex.export_incremental("demo").mode == "incremental"
+        pd.testing.assert_frame_equal(read_h5(previous), before_h5, check_exact=True)
+        assert read_bins(previous) == before_bins
+    assert held.read_bytes() == held_bytes
+    ex.export_full("fresh", START)
+    assert read_bins(path) == read_bins(tmp_path / "fresh")
+    engine.dispose()
+
+
+def test_a_stored_file_changed_by_hand_is_not_reused(exported, market_db):
+    """Values of the stored daily_pv.h5 changed by hand: the incremental export finds the file differs from
+    the sha256 its version recorded, reuses nothing, rebuilds in full (saying why) and leaves the changed
+    version as it was; the result equals the database."""
+    import tables
+
+    ex, _, path = exported
+    previous = path.resolve()
+    with tables.open_file(previous / "daily_pv.h5", "r+") as f:
+        values = f.root.data.block0_values
+        values[3, 0] = values[3, 0] * 2
+        values[7, 5] = 0.0
+    tampered = (previous / "daily_pv.h5").read_bytes()
+    advance_market(create_db_engine(market_db), events=2)
+    result = ex.export_incremental("demo")
+    assert result.mode == "rebuild" and "does not match the sha256" in result.errors[0]
+    assert (previous / "daily_pv.h5").read_bytes() == tampered
+    ex.export_full("fresh", START)
+    pd.testing.assert_frame_equal(read_h5(path), read_h5(path.parent / "fresh"), check_exact=True)
