@@ -83,12 +83,11 @@ class SnapshotBuild:
             self.version = self.writer.begin(self.snapshot_id)
         return self.version
 
-    def abandon(self, discard: bool) -> None:
-        """The export failed: stop the bins writer; delete the version folder if ``discard`` (otherwise it is
-        a crash leftover, deleted by the next writing export)."""
+    def abandon(self) -> None:
+        """The export failed: stop the bins writer and delete the version folder it was building."""
         if self.bins is not None:
             self.bins.close()
-        if discard and self.version is not None:
+        if self.version is not None:
             self.writer.discard(self.snapshot_id, self.version)
 
 

@@ -61,7 +61,7 @@ def run_full(build: SnapshotBuild, end: date | None) -> ExportResult:
         built = Built(ext, days, end, fingerprints, RowStats(rows_read=rows_read, rows_added=len(ext)))
         return commit(build, built, PendingBins(beside=build.bins))
     except BaseException:
-        build.abandon(discard=True)
+        build.abandon()
         raise
 
 

@@ -77,7 +77,7 @@ def run_incremental(build: SnapshotBuild, meta: dict, end: date | None) -> Expor
                                    set(qlib_format.instrument_names(reads.restated, build.options.instruments)))
         return commit(build, _built(reads, patched), _pending_bins(build, reads))
     except BaseException:
-        build.abandon(discard=False)  # the version stays a crash leftover, deleted by the next writing export
+        build.abandon()
         raise
 
 

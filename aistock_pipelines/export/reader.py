@@ -273,6 +273,21 @@ class ReadSession:
 
 
 
+def _end_quietly(conn: adbc.Connection, close: bool) -> None:
+    """End the transaction and (``close``) the connection of a failed read; their own errors — a server
+    that went away fails both — are logged, not raised."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("ROLLBACK")
+    except Exception as e:  # noqa: BLE001 - secondary to the error being raised
+        log.info("ending a failed read's transaction failed too: %s", str(e).splitlines()[0])
+    if close:
+        try:
+            conn.close()
+        except Exception as e:  # noqa: BLE001
+            log.info("closing a failed read's connection failed too: %s", str(e).splitlines()[0])
+
+
 class DBReader:
     """The reader of a mapping: a SQLAlchemy engine (catalogue checks) and ADBC connections (bulk reads)."""
 
@@ -325,7 +340,10 @@ class DBReader:
                         cur.execute("ROLLBACK")
                         cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             yield ReadSession(conn, self.resolved, snapshot=exported)
-        finally:
+        except BaseException:
+            _end_quietly(conn, own)  # the error that ended the read is the one to report, not the ROLLBACK's
+            raise
+        else:
             try:
                 with conn.cursor() as cur:
                     cur.execute("ROLLBACK")

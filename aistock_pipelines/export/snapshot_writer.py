@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
@@ -27,8 +28,8 @@ from aistock_pipelines.export import qlib_format
 from aistock_pipelines.export.bins_writer import BinsWriter
 from aistock_pipelines.export import qlib_bins
 from aistock_pipelines.export.qlib_bins import BinReuse
-from aistock_pipelines.export.snapshot_shape import (SnapshotOptions, by_field, debug_subset, internal_frame,
-                                                     rdagent_readme)
+from aistock_pipelines.export.snapshot_shape import (SnapshotError, SnapshotOptions, by_field, debug_subset,
+                                                     internal_frame, rdagent_readme)
 from aistock_pipelines.export.stored_snapshot import (StoredBlock, map_h5_values, read_h5, read_h5_block,
                                                       sha256_file, write_h5)
 from aistock_pipelines.export.timing import PhaseTimer
@@ -55,6 +56,21 @@ class PendingBins:
 
     beside: BinsWriter | None = None
     reuse: BinReuse | None = None
+
+
+def _check_space(path: Path, content: VersionContent, bins: PendingBins) -> None:
+    """Refuse a version the file system cannot hold before writing it: its HDF5 files and (an upper bound)
+    its bins — a full disk mid-write would only leave a half-built version behind."""
+    frame = content.frame
+    needed = frame.to_numpy().nbytes * 1.1 + 2**20
+    if content.options.qlib_bins and bins.beside is None:
+        needed += len(frame) * len(frame.columns) * 4 + len(frame.index.levels[1]) * len(frame.columns) * 4096
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise SnapshotError(f"not enough free space for snapshot version {path.name}: it needs about "
+                            f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free under {path.parent.parent}; "
+                            "free space there (old releases, other snapshots) or point AISTOCK_SNAPSHOT_ROOT "
+                            "at a larger file system")
 
 
 class SnapshotWriter(SnapshotVersions):
@@ -89,6 +105,7 @@ class SnapshotWriter(SnapshotVersions):
         """Complete ``version`` with ``content`` and swap it in; returns (path, final meta). Caller holds
         :meth:`lock`."""
         path = version.path
+        _check_space(path, content, bins)
         qlib_format.write_calendar(path / "calendars" / "day.txt", content.calendar)
         named = by_field(content.frame)
         spans = qlib_format.instrument_spans(named, content.calendar)

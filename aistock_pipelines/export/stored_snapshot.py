@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import mmap
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -50,7 +51,7 @@ class Hdf5Values:
     def __init__(self) -> None:
         import tables.hdf5extension
 
-        lib = ctypes.CDLL(tables.hdf5extension.__file__)
+        lib = ctypes.CDLL(tables.hdf5extension.__file__, use_errno=True)
         hid, u64, c_int = ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
         self._write = _fn(lib.H5Dwrite, c_int, [hid, hid, hid, hid, hid, ctypes.c_void_p])
         self._read = _fn(lib.H5Dread, c_int, [hid, hid, hid, hid, hid, ctypes.c_void_p])
@@ -106,8 +107,11 @@ class Hdf5Values:
             raise OSError("HDF5: cannot read the values dataset's type")
         try:
             all_, default = 0, 0  # H5S_ALL, H5P_DEFAULT
+            ctypes.set_errno(0)
             if fn(dataset, file_type, all_, all_, default, block.ctypes.data) < 0:
-                raise OSError(f"HDF5: {name} of the values dataset failed")
+                err = ctypes.get_errno()  # the OS error behind HDF5's (ENOSPC, EIO, …), when there was one
+                cause = f": {os.strerror(err)}" if err else ""
+                raise OSError(err or None, f"HDF5: {name} of the values dataset failed{cause}")
         finally:
             self._close_type(file_type)
 

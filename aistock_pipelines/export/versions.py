@@ -90,10 +90,15 @@ class SnapshotVersions:
         return sorted(p for p in versions.glob(f"{snapshot_id}@*") if p.resolve() != current)
 
     def begin(self, snapshot_id: str) -> NewVersion:
-        """The folder of a new version, made now, for files written while the export still reads. Caller
-        holds :meth:`lock`; a version that is never swapped in is a crash leftover, deleted by the next
-        writing export."""
-        stale = self.stale_versions(snapshot_id)  # listed before the new version exists
+        """The folder of a new version, made now, for files written while the export still reads; a crashed
+        run's leftovers (versions never completed: no ``meta.json``) are deleted first. Caller holds
+        :meth:`lock`; a failed export deletes its version (:meth:`discard`)."""
+        stale = []
+        for p in self.stale_versions(snapshot_id):  # listed before the new version exists
+            if (p / "meta.json").is_file():
+                stale.append(p)
+            else:  # a crashed run's leftover: gone before this run writes anything
+                remove_tree(p, workers=1)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         version = self.root / ".versions" / f"{snapshot_id}@{stamp}"
         version.mkdir(parents=True)
