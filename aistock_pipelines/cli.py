@@ -32,8 +32,8 @@ def _settings() -> Settings:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from aistock_pipelines.db import redact, resolve_db_url
-    from aistock_pipelines.embedded_db import EmbeddedPostgres
+    from aistock_pipelines.db import redact
+    from aistock_pipelines.embedded_db import EmbeddedPostgres, resolve_db_url
 
     settings = _settings()
     if args.action in ("start", "stop", "status") and not settings.uses_embedded_db:
@@ -57,7 +57,8 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_seed(args: argparse.Namespace) -> int:
-    from aistock_pipelines.db import create_db_engine, resolve_db_url
+    from aistock_pipelines.db import create_db_engine
+    from aistock_pipelines.embedded_db import resolve_db_url
     from aistock_pipelines.demo.market import MarketSpec, seed_demo_market
 
     spec = MarketSpec(n_instruments=args.instruments, n_trading_days=args.days,
@@ -69,7 +70,8 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_advance(args: argparse.Namespace) -> int:
-    from aistock_pipelines.db import create_db_engine, resolve_db_url
+    from aistock_pipelines.db import create_db_engine
+    from aistock_pipelines.embedded_db import resolve_db_url
     from aistock_pipelines.demo.market import advance_market
 
     engine = create_db_engine(resolve_db_url(_settings()))
@@ -156,7 +158,8 @@ def cmd_rdagent_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_rdagent_sync(args: argparse.Namespace) -> int:
-    from aistock_pipelines.db import create_db_engine, resolve_db_url
+    from aistock_pipelines.db import create_db_engine
+    from aistock_pipelines.embedded_db import resolve_db_url
     from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
     from aistock_pipelines.rdagent.sync import SyncAllError, sync_all
 

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
-from aistock_pipelines.db import create_db_engine, redact, resolve_db_url
+from aistock_pipelines.db import create_db_engine, redact
+from aistock_pipelines.embedded_db import resolve_db_url
 from aistock_pipelines.rdagent.factor_impl import DEMO_FACTOR_PACKAGES
 from aistock_pipelines.settings import PACKAGE_DIR, Settings
 
@@ -131,7 +132,7 @@ def sync_demo_rdagent_results(settings: Settings) -> None:
     from dagster import DagsterInstance
 
     from aistock_pipelines.definitions import build_definitions
-    from aistock_pipelines.rdagent.dagster_assets import JOB_NAME
+    from aistock_pipelines.orchestration.rdagent_assets import JOB_NAME
 
     job = build_definitions(settings).resolve_job_def(JOB_NAME)
     result = job.execute_in_process(instance=DagsterInstance.get(), raise_on_error=False)

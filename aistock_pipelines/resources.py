@@ -12,7 +12,8 @@ from pathlib import Path
 from dagster import ConfigurableResource, EnvVar
 from sqlalchemy.engine import Engine
 
-from aistock_pipelines.db import engine_for, libpq_url, redact, resolve_db_url
+from aistock_pipelines.db import engine_for, libpq_url, redact
+from aistock_pipelines.embedded_db import resolve_db_url
 from aistock_pipelines.settings import Settings
 
 

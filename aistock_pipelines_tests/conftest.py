@@ -24,6 +24,9 @@ from aistock_pipelines.demo.market import MarketSpec, SeedSummary, seed_demo_mar
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The RD-Agent results API fixtures serve both the rdagent/ tests and the Dagster wiring tests in orchestration/.
+pytest_plugins = ["aistock_pipelines_tests.rdagent.fixtures"]
+
 #: The demo market the tests run on: the default demo size (≥ 300 instruments, > 3 years).
 TEST_MARKET = MarketSpec()
 

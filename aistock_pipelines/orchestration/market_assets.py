@@ -20,6 +20,7 @@ from dagster import (
     BetaWarning,
     DataVersion,
     DefaultScheduleStatus,
+    Definitions,
     MaterializeResult,
     MetadataValue,
     ObserveResult,
@@ -114,3 +115,9 @@ def observation_schedule(config: SnapshotsFile) -> ScheduleDefinition:
     return ScheduleDefinition(name="observe_market_sources", job=job, cron_schedule=OBSERVE_CRON,
                               execution_timezone=TIMEZONE, default_status=DefaultScheduleStatus.RUNNING,
                               description="Source freshness for the UI, every 30 minutes on weekdays.")
+
+
+def market_definitions(config: SnapshotsFile) -> Definitions:
+    """The market domain: observed source tables, ``market/daily_features`` and the observation schedule."""
+    return Definitions(assets=[market_source_assets(config), daily_features_asset(config)],
+                       schedules=[observation_schedule(config)])

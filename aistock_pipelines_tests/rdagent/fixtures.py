@@ -1,5 +1,7 @@
 """Fixtures for the RD-Agent results API tests: real HTTP servers on 127.0.0.1, ephemeral ports only.
 
+A plugin of the root conftest, so the Dagster wiring tests in ``orchestration/`` use them too.
+
 * ``demo_results_dir`` / ``demo_server``: the demo directory and the conformant server over it, shared by
   the read-only tests of a session.
 * ``results_dir`` + ``start_server``: a private copy and server for tests that edit files.
