@@ -15,6 +15,7 @@ from datetime import date
 from pathlib import Path
 from typing import Sequence
 
+from aistock_pipelines.conventions import RESULTS_API_HOST, RESULTS_API_PORT
 from aistock_pipelines.settings import ENV_VARS, Settings
 
 log = logging.getLogger("aistock_pipelines")
@@ -243,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     rdagent_sub = rdagent.add_subparsers(dest="rdagent_command", required=True)
     serve = rdagent_sub.add_parser("serve", help="serve an RD-Agent results directory read-only (default: the demo's)")
     serve.add_argument("results_dir", nargs="?", type=Path, help="directory holding aistock/*.json and registry.sqlite")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=9000)
+    serve.add_argument("--host", default=RESULTS_API_HOST)
+    serve.add_argument("--port", type=int, default=RESULTS_API_PORT)
     serve.set_defaults(func=cmd_rdagent_serve)
     sync = rdagent_sub.add_parser("sync", help="sync the catalogs at RDAGENT_RESULTS_URL into the AIstock registry")
     sync.add_argument("kinds", nargs="*", metavar="KIND", help=f"some of {', '.join(SYNC_KIND_CHOICES)} (default: all)")
