@@ -15,6 +15,7 @@ from datetime import date
 from pathlib import Path
 from typing import Sequence
 
+from aistock_pipelines.conventions import RESULTS_API_HOST, RESULTS_API_PORT
 from aistock_pipelines.settings import ENV_VARS, Settings
 
 log = logging.getLogger("aistock_pipelines")
@@ -32,8 +33,8 @@ def _settings() -> Settings:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from aistock_pipelines.db import redact, resolve_db_url
-    from aistock_pipelines.embedded_db import EmbeddedPostgres
+    from aistock_pipelines.db import redact
+    from aistock_pipelines.embedded_db import EmbeddedPostgres, resolve_db_url
 
     settings = _settings()
     if args.action in ("start", "stop", "status") and not settings.uses_embedded_db:
@@ -57,7 +58,8 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_seed(args: argparse.Namespace) -> int:
-    from aistock_pipelines.db import create_db_engine, resolve_db_url
+    from aistock_pipelines.db import create_db_engine
+    from aistock_pipelines.embedded_db import resolve_db_url
     from aistock_pipelines.demo.market import MarketSpec, seed_demo_market
 
     spec = MarketSpec(n_instruments=args.instruments, n_trading_days=args.days,
@@ -69,7 +71,8 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_advance(args: argparse.Namespace) -> int:
-    from aistock_pipelines.db import create_db_engine, resolve_db_url
+    from aistock_pipelines.db import create_db_engine
+    from aistock_pipelines.embedded_db import resolve_db_url
     from aistock_pipelines.demo.market import advance_market
 
     engine = create_db_engine(resolve_db_url(_settings()))
@@ -156,7 +159,8 @@ def cmd_rdagent_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_rdagent_sync(args: argparse.Namespace) -> int:
-    from aistock_pipelines.db import create_db_engine, resolve_db_url
+    from aistock_pipelines.db import create_db_engine
+    from aistock_pipelines.embedded_db import resolve_db_url
     from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
     from aistock_pipelines.rdagent.sync import SyncAllError, sync_all
 
@@ -240,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     rdagent_sub = rdagent.add_subparsers(dest="rdagent_command", required=True)
     serve = rdagent_sub.add_parser("serve", help="serve an RD-Agent results directory read-only (default: the demo's)")
     serve.add_argument("results_dir", nargs="?", type=Path, help="directory holding aistock/*.json and registry.sqlite")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=9000)
+    serve.add_argument("--host", default=RESULTS_API_HOST)
+    serve.add_argument("--port", type=int, default=RESULTS_API_PORT)
     serve.set_defaults(func=cmd_rdagent_serve)
     sync = rdagent_sub.add_parser("sync", help="sync the catalogs at RDAGENT_RESULTS_URL into the AIstock registry")
     sync.add_argument("kinds", nargs="*", metavar="KIND", help=f"some of {', '.join(SYNC_KIND_CHOICES)} (default: all)")

@@ -12,8 +12,6 @@ from functools import lru_cache
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
-from aistock_pipelines.settings import Settings
-
 
 def sqlalchemy_url(url: str) -> str:
     """``postgresql://…`` → ``postgresql+psycopg://…`` (psycopg 3, a core dependency)."""
@@ -35,15 +33,6 @@ def redact(url: str) -> str:
 
 def create_db_engine(url: str) -> Engine:
     return sa.create_engine(sqlalchemy_url(url), pool_pre_ping=True, pool_size=2, max_overflow=4)
-
-
-def resolve_db_url(settings: Settings) -> str:
-    """The configured database, or the embedded server (started on first use) when none is configured."""
-    if settings.db_url is not None:
-        return settings.db_url
-    from aistock_pipelines.embedded_db import EmbeddedPostgres
-
-    return EmbeddedPostgres(settings.embedded_pgdata).start()
 
 
 @lru_cache(maxsize=8)

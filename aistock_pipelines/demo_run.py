@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
-from aistock_pipelines.db import create_db_engine, redact, resolve_db_url
+from aistock_pipelines.db import create_db_engine, redact
+from aistock_pipelines.embedded_db import resolve_db_url
 from aistock_pipelines.rdagent.factor_impl import DEMO_FACTOR_PACKAGES
 from aistock_pipelines.settings import PACKAGE_DIR, Settings
 
@@ -52,12 +53,13 @@ def prepare_dagster_home(settings: Settings) -> Path:
 
 def ensure_demo_market(settings: Settings, reseed: bool) -> None:
     from aistock_pipelines.demo.market import MarketSpec, seed_demo_market
+    from aistock_pipelines.export.mapping import ExportMapping
 
     url = resolve_db_url(settings)
     engine = create_db_engine(url)
     with engine.connect() as conn:
         seeded = conn.execute(sa.text("SELECT to_regclass('market.demo_market_info') IS NOT NULL")).scalar()
-        real = conn.execute(sa.text("SELECT to_regclass('market.kline_daily_qfq') IS NOT NULL")).scalar()
+        real = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": ExportMapping().bars_table}).scalar()
     if real and not seeded:
         log.info("database %s holds a real market: not seeding", redact(url))
     elif reseed or not seeded:
@@ -131,7 +133,7 @@ def sync_demo_rdagent_results(settings: Settings) -> None:
     from dagster import DagsterInstance
 
     from aistock_pipelines.definitions import build_definitions
-    from aistock_pipelines.rdagent.dagster_assets import JOB_NAME
+    from aistock_pipelines.orchestration.rdagent_assets import JOB_NAME
 
     job = build_definitions(settings).resolve_job_def(JOB_NAME)
     result = job.execute_in_process(instance=DagsterInstance.get(), raise_on_error=False)
@@ -153,6 +155,7 @@ def materialize_demo_snapshots(settings: Settings) -> None:
     from dagster import DagsterInstance, materialize
 
     from aistock_pipelines.definitions import build_definitions
+    from aistock_pipelines.export.mapping import quote_table
     from aistock_pipelines.export.snapshot_writer import SnapshotWriter
     from aistock_pipelines.snapshot_config import load_snapshots_file
 
@@ -161,7 +164,7 @@ def materialize_demo_snapshots(settings: Settings) -> None:
     writer = SnapshotWriter(settings.snapshot_root)
     engine = create_db_engine(resolve_db_url(settings))
     with engine.connect() as conn:
-        last = conn.execute(sa.text("SELECT max(trade_date) FROM market.kline_daily_qfq")).scalar()
+        last = conn.execute(sa.text(f"SELECT max(trade_date) FROM {quote_table(config.mapping.bars_table)}")).scalar()
     engine.dispose()
     instance = DagsterInstance.get()
     for decl in config.snapshots:

@@ -20,6 +20,9 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from aistock_pipelines.db import libpq_url
+from aistock_pipelines.settings import Settings
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "aistock"
@@ -77,6 +80,13 @@ class EmbeddedPostgres:
         return True
 
 
+def resolve_db_url(settings: Settings) -> str:
+    """The configured database, or the embedded server (started on first use) when none is configured."""
+    if settings.db_url is not None:
+        return settings.db_url
+    return EmbeddedPostgres(settings.embedded_pgdata).start()
+
+
 def admin_server(url: str | None, pgdata: Path) -> tuple[str, EmbeddedPostgres | None]:
     """A libpq admin URL: ``url`` when given, else the embedded server in ``pgdata`` (started if needed).
 
@@ -84,8 +94,6 @@ def admin_server(url: str | None, pgdata: Path) -> tuple[str, EmbeddedPostgres |
     stop exactly what it started and leave a server someone else runs alone.
     """
     if url:
-        from aistock_pipelines.db import libpq_url
-
         return libpq_url(url), None
     server = EmbeddedPostgres(pgdata, database="postgres")
     started = None if server.is_running() else server

@@ -12,7 +12,9 @@ from pathlib import Path
 from dagster import ConfigurableResource, EnvVar
 from sqlalchemy.engine import Engine
 
-from aistock_pipelines.db import engine_for, libpq_url, redact, resolve_db_url
+from aistock_pipelines.conventions import RESULTS_API_URL
+from aistock_pipelines.db import engine_for, libpq_url, redact
+from aistock_pipelines.embedded_db import resolve_db_url
 from aistock_pipelines.settings import Settings
 
 
@@ -52,7 +54,7 @@ class SnapshotStore(ConfigurableResource):
 class RDAgentResultsApi(ConfigurableResource):
     """RD-Agent's read-only results API (``RDAGENT_RESULTS_URL``)."""
 
-    base_url: str = "http://127.0.0.1:9000"
+    base_url: str = RESULTS_API_URL
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 15.0
 

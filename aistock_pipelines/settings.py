@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
 
+from aistock_pipelines.conventions import RESULTS_API_URL
+
 Deployment = Literal["local", "production"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -23,7 +25,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "AISTOCK_HOME": ("`./.aistock`", "project-local state: embedded database, Dagster home of the demo, locks"),
     "AISTOCK_SNAPSHOT_ROOT": ("`$AISTOCK_HOME/snapshots`", "directory holding one folder per snapshot"),
     "AISTOCK_SNAPSHOTS_FILE": ("packaged `demo/snapshots.yaml`", "YAML file declaring the snapshots"),
-    "RDAGENT_RESULTS_URL": ("`http://127.0.0.1:9000`", "RD-Agent read-only results API"),
+    "RDAGENT_RESULTS_URL": (f"`{RESULTS_API_URL}`", "RD-Agent read-only results API"),
     "AISTOCK_FACTOR_PACKAGES": ("`rd_factors_lib` (the demo run: the bundled copy)",
                                 "comma-separated packages factor pointers may import: `prefix` or "
                                 "`prefix=importable.package` (e.g. `rd_factors_lib=aistock_pipelines.demo.rd_factors_lib`)"),
@@ -68,7 +70,7 @@ class Settings:
         home = Path(env.get("AISTOCK_HOME", "") or Path.cwd() / ".aistock").expanduser().resolve()
         snapshot_root = Path(env.get("AISTOCK_SNAPSHOT_ROOT", "") or home / "snapshots").expanduser().resolve()
         snapshots_file = Path(env.get("AISTOCK_SNAPSHOTS_FILE", "") or DEMO_SNAPSHOTS_FILE).expanduser().resolve()
-        results_url = (env.get("RDAGENT_RESULTS_URL", "") or "http://127.0.0.1:9000").rstrip("/")
+        results_url = (env.get("RDAGENT_RESULTS_URL", "") or RESULTS_API_URL).rstrip("/")
         packages = tuple(
             p.strip() for p in (env.get("AISTOCK_FACTOR_PACKAGES", "") or "rd_factors_lib").split(",") if p.strip()
         )

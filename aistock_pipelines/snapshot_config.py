@@ -38,25 +38,45 @@ class FactorTableDecl(_Strict):
     columns: dict[str, FieldDecl] = Field(default_factory=dict)
 
 
+#: The real AIstock layout, as the export mapping defines it (the YAML's defaults are the same tables).
+_DEFAULT_MAPPING = ExportMapping()
+
+
 class MappingDecl(_Strict):
-    bars_table: str = "market.kline_daily_qfq"
-    raw_table: str | None = "market.kline_daily_raw"
-    calendar_table: str = "market.trading_calendar"
+    bars_table: str = _DEFAULT_MAPPING.bars_table
+    raw_table: str | None = _DEFAULT_MAPPING.raw_table
+    calendar_table: str = _DEFAULT_MAPPING.calendar_table
     fields: dict[str, FieldDecl] = Field(default_factory=dict)  # overrides of FIELD_MAPPING_DB_DAILY
 
 
-class SnapshotDecl(_Strict):
+class SnapshotLayout(_Strict):
+    """A snapshot's layout options, as declared (YAML) or requested (the ad-hoc job's run config)."""
+
+    columns: Literal["plain", "dollar"] = Field("plain", description="plain: open, close, …; dollar: $open, $close, …")
+    instruments: Literal["ts_code", "qlib"] = Field("ts_code", description="ts_code: 000001.SZ; qlib: SZ000001")
+    dtype: Literal["float32", "float64"] = "float64"
+    factor_tables: list[str] | None = Field(None, description="null = every configured factor table")
+    qlib_bins: bool = Field(True, description="also write Qlib's features/*.day.bin")
+    debug_years: int = Field(2, ge=1, description="years of history in the RD-Agent debug frame")
+    debug_instruments: int = Field(100, ge=1, description="instruments in the RD-Agent debug frame")
+
+    def options(self) -> SnapshotOptions:
+        """The exporter's form of these options."""
+        return SnapshotOptions(columns=self.columns, instruments=self.instruments, dtype=self.dtype,
+                               factor_tables=tuple(self.factor_tables) if self.factor_tables is not None else None,
+                               qlib_bins=self.qlib_bins, debug_years=self.debug_years,
+                               debug_instruments=self.debug_instruments)
+
+
+class _SnapshotIdentity(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     start: date
     end: date | None = None
     universe: Literal["all"] | list[str] = "all"
-    columns: Literal["plain", "dollar"] = "plain"
-    instruments: Literal["ts_code", "qlib"] = "ts_code"
-    dtype: Literal["float32", "float64"] = "float64"
-    factor_tables: list[str] | None = None
-    qlib_bins: bool = True
-    debug_years: int = Field(2, ge=1)
-    debug_instruments: int = Field(100, ge=1)
+
+
+class SnapshotDecl(SnapshotLayout, _SnapshotIdentity):
+    """One declared snapshot: identity and range first, then the layout (field order is the stored JSON's)."""
 
     @field_validator("end")
     @classmethod
@@ -72,12 +92,6 @@ class SnapshotDecl(_Strict):
     @property
     def ts_codes(self) -> list[str] | None:
         return None if self.universe == "all" else list(self.universe)
-
-    def options(self) -> SnapshotOptions:
-        return SnapshotOptions(columns=self.columns, instruments=self.instruments, dtype=self.dtype,
-                               factor_tables=tuple(self.factor_tables) if self.factor_tables is not None else None,
-                               qlib_bins=self.qlib_bins, debug_years=self.debug_years,
-                               debug_instruments=self.debug_instruments)
 
 
 class SnapshotsFile(_Strict):

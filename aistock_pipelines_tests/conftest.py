@@ -12,17 +12,22 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from contextlib import ExitStack
+from typing import Callable, Iterator
 
 import psycopg
 import pytest
 from psycopg import sql
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 
-from aistock_pipelines.db import create_db_engine, libpq_url
+from aistock_pipelines.db import libpq_url
 from aistock_pipelines.demo.market import MarketSpec, SeedSummary, seed_demo_market
+from aistock_pipelines_tests.helpers import disposing_engine
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: The RD-Agent results API fixtures serve both the rdagent/ tests and the Dagster wiring tests in orchestration/.
+pytest_plugins = ["aistock_pipelines_tests.rdagent.fixtures"]
 
 #: The demo market the tests run on: the default demo size (≥ 300 instruments, > 3 years).
 TEST_MARKET = MarketSpec()
@@ -82,9 +87,8 @@ def market_template(pg_server: TestServer) -> SeededMarket:
     """The demo market, seeded once per session into a template nobody connects to afterwards
     (PostgreSQL copies a template only while it has no sessions)."""
     url = pg_server.create_database("market")
-    engine = create_db_engine(url)
-    summary = seed_demo_market(engine, TEST_MARKET)
-    engine.dispose()
+    with disposing_engine(url) as engine:
+        summary = seed_demo_market(engine, TEST_MARKET)
     return SeededMarket(template_name=f"{pg_server.prefix}_market", summary=summary, spec=TEST_MARKET)
 
 
@@ -106,3 +110,10 @@ def market_db(pg_server: TestServer, market_template: SeededMarket) -> str:
 @pytest.fixture
 def empty_db(pg_server: TestServer) -> str:
     return pg_server.create_database(f"empty{next(_copies)}")
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable[[str], Engine]]:
+    """Factory: an engine on a database URL, disposed when the test ends (even when it fails)."""
+    with ExitStack() as stack:
+        yield lambda url: stack.enter_context(disposing_engine(url))

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.demo.market import DemoMarketError, MarketSpec, advance_market, seed_demo_market
+from aistock_pipelines_tests.helpers import disposing_engine
 
 pytestmark = pytest.mark.db
 
@@ -32,13 +32,11 @@ JOIN anchor n USING (ts_code)
 
 @pytest.fixture(scope="module")
 def frames(market_ro):
-    engine = create_db_engine(market_ro)
-    with engine.connect() as conn:
+    with disposing_engine(market_ro) as engine, engine.connect() as conn:
         bars = pd.read_sql("SELECT ts_code, trade_date FROM market.kline_daily_qfq", conn)
         cal = pd.read_sql("SELECT cal_date, is_trading FROM market.trading_calendar ORDER BY cal_date", conn)
         basic = pd.read_sql("SELECT * FROM market.stock_basic", conn)
         af = pd.read_sql("SELECT ts_code, trade_date, adj_factor FROM market.adj_factor ORDER BY ts_code, trade_date", conn)
-    engine.dispose()
     return bars, cal, basic, af
 
 
@@ -87,12 +85,12 @@ def test_ipos_delistings_and_suspensions(market_template, frames):
     assert (missing > 0).sum() == s.suspended_instruments >= 20
 
 
-def test_corporate_actions_restate_history(market_ro, market_template, frames):
+def test_corporate_actions_restate_history(market_ro, market_template, frames, make_engine):
     _, _, _, af = frames
     changes = af.groupby("ts_code").adj_factor.apply(lambda x: int((x.diff().fillna(0) != 0).sum()))
     assert changes.sum() == market_template.summary.events >= 200
     assert (changes > 0).sum() >= 150, "most instruments have at least one ex-date"
-    engine = create_db_engine(market_ro)
+    engine = make_engine(market_ro)
     with engine.connect() as conn:
         rows, bad = conn.execute(sa.text(QFQ_MISMATCHES)).one()
         assert rows == market_template.summary.bars and bad == 0
@@ -101,11 +99,10 @@ def test_corporate_actions_restate_history(market_ro, market_template, frames):
             "SELECT count(*) FROM market.kline_daily_qfq q JOIN market.kline_daily_raw r USING (ts_code, trade_date) "
             "WHERE q.close_li <> r.close_li")).scalar()
         assert differs > 10_000
-    engine.dispose()
 
 
-def test_real_schema_units_and_types(market_ro):
-    engine = create_db_engine(market_ro)
+def test_real_schema_units_and_types(market_ro, make_engine):
+    engine = make_engine(market_ro)
     with engine.connect() as conn:
         types = dict(conn.execute(sa.text(
             "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
@@ -126,33 +123,30 @@ def test_real_schema_units_and_types(market_ro):
             "SELECT max(abs(b.total_mv - (r.close_li / 1000.0) * b.total_share::numeric) / b.total_mv) FROM market.daily_basic b "
             "JOIN market.kline_daily_raw r USING (ts_code, trade_date)")).scalar()
         assert off < 1e-6
-    engine.dispose()
 
 
 def _fingerprint(url: str) -> dict[str, str]:
-    engine = create_db_engine(url)
     out = {}
-    with engine.connect() as conn:
+    with disposing_engine(url) as engine, engine.connect() as conn:
         for table, key in (("kline_daily_qfq", "ts_code, trade_date"), ("adj_factor", "ts_code, trade_date"),
                            ("moneyflow", "ts_code, trade_date"), ("trading_calendar", "cal_date"), ("stock_basic", "ts_code")):
             out[table] = conn.execute(sa.text(f"SELECT md5(string_agg(t::text, '|' ORDER BY {key})) FROM market.{table} t")).scalar()
-    engine.dispose()
     return out
 
 
-def test_generator_is_deterministic(pg_server):
+def test_generator_is_deterministic(pg_server, make_engine):
     small = MarketSpec(n_instruments=40, n_trading_days=260, seed=7)
     a, b, c = (pg_server.create_database(f"det{i}") for i in range(3))
-    seed_demo_market(create_db_engine(a), small)
-    seed_demo_market(create_db_engine(b), small)
-    seed_demo_market(create_db_engine(c), MarketSpec(n_instruments=40, n_trading_days=260, seed=8))
+    seed_demo_market(make_engine(a), small)
+    seed_demo_market(make_engine(b), small)
+    seed_demo_market(make_engine(c), MarketSpec(n_instruments=40, n_trading_days=260, seed=8))
     fa, fb, fc = _fingerprint(a), _fingerprint(b), _fingerprint(c)
     assert fa == fb
     assert fa["kline_daily_qfq"] != fc["kline_daily_qfq"]
 
 
-def test_advance_appends_next_trading_day_and_restates(market_db, market_template):
-    engine = create_db_engine(market_db)
+def test_advance_appends_next_trading_day_and_restates(market_db, market_template, make_engine):
+    engine = make_engine(market_db)
     with engine.connect() as conn:
         before = pd.read_sql("SELECT ts_code, trade_date, close_li FROM market.kline_daily_qfq", conn)
     first = advance_market(engine, events=4)
@@ -173,11 +167,10 @@ def test_advance_appends_next_trading_day_and_restates(market_db, market_templat
     merged = before.merge(after, on=["ts_code", "trade_date"], suffixes=("_before", "_after"))
     changed = set(merged[merged.close_li_before != merged.close_li_after].ts_code)
     assert changed == set(first.restated) | set(second.restated), "exactly the restated instruments change history"
-    engine.dispose()
 
 
-def test_seeding_refuses_a_real_market(empty_db):
-    engine = create_db_engine(empty_db)
+def test_seeding_refuses_a_real_market(empty_db, make_engine):
+    engine = make_engine(empty_db)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE SCHEMA market; CREATE TABLE market.kline_daily_qfq (ts_code text)"))
         conn.execute(sa.text("INSERT INTO market.kline_daily_qfq VALUES ('000001.SZ')"))
@@ -185,4 +178,3 @@ def test_seeding_refuses_a_real_market(empty_db):
         seed_demo_market(engine, MarketSpec(n_instruments=5, n_trading_days=30))
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT ts_code FROM market.kline_daily_qfq")).scalar() == "000001.SZ"
-    engine.dispose()

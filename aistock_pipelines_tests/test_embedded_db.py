@@ -1,4 +1,4 @@
-"""The embedded server: starts, keeps its data across processes, stops cleanly."""
+"""The embedded server: starts, keeps its data across processes, stops cleanly; a configured URL bypasses it."""
 
 import subprocess
 import sys
@@ -7,7 +7,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from aistock_pipelines.embedded_db import EmbeddedPostgres
+from aistock_pipelines.embedded_db import EmbeddedPostgres, admin_server, resolve_db_url
+from aistock_pipelines.settings import Settings
 
 pytestmark = pytest.mark.db
 
@@ -49,3 +50,10 @@ def test_start_survive_process_restart_and_stop(tmp_path: Path):
         server.stop()
     assert not server.is_running()
     assert server.stop() is False  # stopping a stopped server is harmless
+
+
+def test_a_configured_url_is_used_as_is(tmp_path: Path):
+    settings = Settings.from_env({"AISTOCK_DB_URL": "postgresql://u:p@db:5432/aistock", "AISTOCK_HOME": str(tmp_path)})
+    assert resolve_db_url(settings) == "postgresql://u:p@db:5432/aistock"
+    assert admin_server("postgresql+psycopg://u:p@db/postgres", tmp_path / "pgdata") == ("postgresql://u:p@db/postgres", None)
+    assert not (tmp_path / "pgdata").exists()  # no embedded server was started

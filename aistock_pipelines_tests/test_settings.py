@@ -2,7 +2,6 @@ from pathlib import Path
 
 import pytest
 
-from aistock_pipelines.db import libpq_url, redact, sqlalchemy_url
 from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE, Settings, SettingsError
 
 
@@ -36,11 +35,3 @@ def test_production_requires_a_database_url():
     with pytest.raises(SettingsError, match="'local' or 'production'"):
         Settings.from_env({"AISTOCK_DEPLOYMENT": "staging"})
 
-
-def test_url_forms_and_redaction():
-    url = "postgresql://alice:s3cret@db.internal:5432/aistock"
-    assert sqlalchemy_url(url) == "postgresql+psycopg://alice:s3cret@db.internal:5432/aistock"
-    assert libpq_url("postgresql+psycopg://alice:s3cret@db/x") == "postgresql://alice:s3cret@db/x"
-    assert "s3cret" not in redact(url) and "***" in redact(url)
-    with pytest.raises(ValueError, match="PostgreSQL"):
-        sqlalchemy_url("mysql://a@b/c")

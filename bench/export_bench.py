@@ -1,9 +1,9 @@
-"""Export benchmark (issue 3): baseline, limit, full and incremental exports side by side.
+"""Export benchmark: baseline, limit, full and incremental exports side by side.
 
 One command (inside the project's venv)::
 
     .venv/bin/python bench/export_bench.py                    # target size: 4,000 instruments × 1,500 days, 3 repeats
-    .venv/bin/python bench/export_bench.py --small            # smoke run: 300 × 250, 1 repeat (≈ 1 min)
+    .venv/bin/python bench/export_bench.py --small            # smoke run: 300 × 250, 1 repeat
 
 What it measures, each measurement in a fresh Python subprocess (so every peak RSS is that of one process
 that did only this, read with ``os.wait4`` per child), against the same database:
@@ -299,9 +299,8 @@ def run_worker(task: str, params: dict, tmp: Path, label: str) -> dict:
     pfile.write_text(json.dumps(params, default=str))
     if ofile.exists():
         ofile.unlink()
-    # Untimed: flush what earlier measurements wrote or deleted (≈ 1.5 GB and 84,000 files per full export),
-    # so no run pays for another's writeback — measured without it: write_bins 3.4 s in the first full
-    # export, 20–26 s in the two that followed it.
+    # Untimed: flush what earlier measurements wrote or deleted (a full export writes one file per
+    # instrument and field), so no run pays for another's writeback.
     os.sync()
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_worker", task, str(pfile), str(ofile)],
@@ -324,10 +323,10 @@ def log(msg: str) -> None:
 
 def file_creation_us(root: Path, files: int = 1000) -> float:
     """Microseconds per new 6 KB file under ``root``: a probe of the file system's state. On ext4 without
-    a journal (this VM's disk), new inodes skip recently freed ones one lookup each, so for minutes after a
-    mass delete — the previous bench's snapshots, say — creating a file can cost 25× its usual ≈ 30 µs,
-    which a full export's 84,000 bins then pay (docs/performance.md). The files stay until the bench
-    deletes its snapshots: deleting them now would slow the next probe the same way."""
+    a journal, new inodes skip recently freed ones one lookup each, so for minutes after a mass delete —
+    the previous bench's snapshots, say — creating a file costs many times its usual time, which every bin
+    of a full export then pays (docs/performance.md). The files stay until the bench deletes its
+    snapshots: deleting them now would slow the next probe the same way."""
     probe = root / f".probe-{time.time_ns()}"
     probe.mkdir(parents=True)
     t = time.perf_counter()
@@ -492,11 +491,10 @@ def main(argv: list[str] | None = None) -> int:
             return f"bench_{variant}_{args.repeat - 1}"
 
         # Rounds: each round runs one baseline (while any are due), one full export per variant and one limit
-        # measurement, so every ratio compares measurements taken minutes apart — on this VM the references
-        # alone drifted 30–50 % over a session (limit 8.9–13.5 s, baseline 78–97 s; docs/performance.md).
-        # Each full run creates its own snapshot and none is deleted before the end: on ext4 without a
-        # journal (this VM's disk) every new inode first skips, one lookup each, the inodes freed in the last
-        # ~35 s — 84,000 bins written right after deleting 84,000 took 3–6× longer.
+        # measurement, so every ratio compares measurements taken minutes apart: the references themselves
+        # drift over a long run (docs/performance.md). Each full run creates its own snapshot and none is
+        # deleted before the end: on ext4 without a journal every new inode first skips, one lookup each,
+        # the inodes freed shortly before, so bins written right after a mass delete are much slower.
         if "baseline" not in skip:
             res["baseline"] = []
         if "full" not in skip:

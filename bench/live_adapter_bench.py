@@ -1,4 +1,4 @@
-"""LiveDataAdapter benchmark (issue 6): ``get_feature_df(5,000 symbols, now, window=60)`` on a warm database.
+"""LiveDataAdapter benchmark: ``get_feature_df(5,000 symbols, now, window=60)`` on a warm database.
 
 One command (inside the project's venv)::
 

@@ -1,4 +1,5 @@
-"""Live feature frames (seed §7): the snapshot's rows for a window ending now, from the same definition.
+"""Live feature frames: the snapshot's rows for a window ending now, from the same definition, so that
+training, backtest and live trading see the same features.
 
 Plain Python, nothing here knows about Dagster: a trading process imports it directly.
 """

@@ -1,4 +1,4 @@
-"""LiveDataAdapter (seed §7.1): the latest ``window`` trading days, exactly as the snapshot holds them.
+"""LiveDataAdapter: the latest ``window`` trading days, exactly as the snapshot holds them.
 
 Training, backtest and live trading must see the same features, so the live frame is not a second
 implementation of the snapshot: it is built by the same pieces, in the same order —
@@ -17,7 +17,6 @@ corresponding slice of a fresh snapshot, value for value, including right after 
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
+from aistock_pipelines.conventions import EXCHANGE_TIMEZONE, QLIB_SYMBOL, TS_CODE
 from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.export import qlib_format
 from aistock_pipelines.export.gates import DataGateError, DataNotReady, check_gates, finalize
@@ -40,9 +40,7 @@ from aistock_pipelines.export.reader import DBReader, ReadSession
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions, read_view
 from aistock_pipelines.live.latest_bar import PRE_CLOSE, LatestBarProvider, validate_latest_bars
 
-EXCHANGE_TZ = ZoneInfo("Asia/Shanghai")
-_TS_CODE = re.compile(r"^[0-9A-Z]{1,12}\.(SH|SZ|BJ)$")
-_QLIB = re.compile(r"^(SH|SZ|BJ)[0-9A-Z]{1,12}$")
+EXCHANGE_TZ = ZoneInfo(EXCHANGE_TIMEZONE)
 
 
 class LiveDataError(ValueError):
@@ -89,9 +87,9 @@ def normalize_symbols(symbols: Iterable[str] | str) -> dict[str, str]:
     bad = []
     for given in symbols:
         s = str(given).strip().upper()
-        if _TS_CODE.match(s):
+        if TS_CODE.match(s):
             out.setdefault(s, given)
-        elif _QLIB.match(s):
+        elif QLIB_SYMBOL.match(s):
             out.setdefault(qlib_format.from_qlib_symbol(s), given)
         else:
             bad.append(given)
@@ -123,7 +121,7 @@ class LiveDataAdapter:
         self.start = start
         self.universe = frozenset(universe) if universe is not None else None
         self.snapshot_id = snapshot_id
-        self._conn: adbc.Connection | None = None  # reused across calls: a connect costs ~40 ms
+        self._conn: adbc.Connection | None = None  # reused across calls: a connect is several round trips
         self._lock = threading.Lock()  # one read at a time on that connection
 
     def close(self) -> None:
@@ -344,7 +342,7 @@ class LiveDataAdapter:
     def _restate_for_ex_dates(self, window_rows: pd.DataFrame, prev_rows: pd.DataFrame, pre_close: dict[str, float],
                               live_day: date) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
         """An ex-date today moves the qfq anchor: the vendor will rewrite the whole history by
-        ``ratio = pre_close / last close`` (REFERENCE §1). The window's history is rescaled the same way
+        ``ratio = pre_close / last close`` (qfq prices are anchored at the latest day). The window's history is rescaled the same way
         in memory — prices, ``factor`` and ``vwap`` × ratio, adjusted ``volume`` ÷ ratio — so today's bar
         and the history share one anchor. Agrees with tomorrow's snapshot up to the vendor's 1-厘 rounding."""
         history = pd.concat([prev_rows[["close"]], window_rows.loc[

@@ -1,4 +1,4 @@
-"""Latest-bar providers: today's bar before the close (seed §7.1: "可选：从 TDX 实时数据补上最新一根 bar").
+"""Latest-bar providers: today's bar before the close, optionally from a real-time quote feed such as TDX.
 
 The contract is deliberately in **database units of the bars table** (the mapping's columns, e.g.
 ``open_li … close_li`` in 厘, ``volume_hand`` in 手, ``amount_li`` in 厘), **unadjusted**: a quote feed such as

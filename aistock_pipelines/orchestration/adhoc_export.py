@@ -1,8 +1,8 @@
-"""The ad-hoc export job: the seed's ``POST /api/v1/qlib/snapshots/daily`` as a Launchpad job.
+"""The ad-hoc export job: a one-off export started from the Launchpad instead of an HTTP request.
 
-Its run config mirrors the seed's request body (``snapshot_id``, ``mode``, ``codes``, ``start``, ``end``)
-plus the layout options a declaration has; the run page is the seed's ``GET /jobs/{job_id}``. It is for
-one-off snapshots: a declared snapshot belongs to its asset (``snapshots/<id>``) and is refused here, so
+Its run config is the request body of AIstock's export endpoint ``POST /api/v1/qlib/snapshots/daily``
+(``snapshot_id``, ``mode``, ``codes``, ``start``, ``end``) plus the layout options a declaration has; the
+run page takes the place of that API's job status (``GET /jobs/{job_id}``). It is for one-off snapshots: a declared snapshot belongs to its asset (``snapshots/<id>``) and is refused here, so
 the two never fight over one directory. Files land under the same snapshot root, with the same atomic
 versions, lock, materialization-style metadata and ``meta.json``.
 """
@@ -16,26 +16,22 @@ from pydantic import Field
 
 from aistock_pipelines.export.gates import DataGateError
 from aistock_pipelines.export.mapping import MappingError
-from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions
+from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.orchestration.snapshot_assets import build_exporter, result_metadata
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
-from aistock_pipelines.snapshot_config import SnapshotsFile
+from aistock_pipelines.snapshot_config import SnapshotLayout, SnapshotsFile
 
 JOB_NAME = "adhoc_snapshot_export"
 
 
-class AdhocExportConfig(Config):
-    """The seed's request body, plus the options of a declaration (same defaults as the YAML)."""
+class AdhocExportConfig(Config, SnapshotLayout):
+    """The request body (id, mode, codes, range) plus a declaration's layout options, with the YAML's defaults."""
 
     snapshot_id: str = Field(description="[A-Za-z0-9_-]+; must not be declared in the snapshots file")
     mode: Literal["full", "incremental"] = Field(default="full", description="full: (re)write [start, end]; incremental: bring up to end")
     codes: list[str] | None = Field(default=None, description="ts_codes; null = every instrument, delisted included")
     start: str | None = Field(default=None, description="YYYY-MM-DD, required for mode=full")
     end: str | None = Field(default=None, description="YYYY-MM-DD; null = the last day with bars")
-    columns: Literal["plain", "dollar"] = "plain"
-    instruments: Literal["ts_code", "qlib"] = "ts_code"
-    dtype: Literal["float32", "float64"] = "float64"
-    factor_tables: list[str] | None = Field(default=None, description="null = every configured factor table")
     overwrite: bool = Field(default=False, description="mode=full: replace an existing snapshot of this id")
 
 
@@ -65,10 +61,7 @@ def adhoc_export_job(config: SnapshotsFile):
             if config.mode == "full":
                 if start is None:
                     raise Failure(description="mode=full needs start (YYYY-MM-DD)", allow_retries=False)
-                options = SnapshotOptions(
-                    columns=config.columns, instruments=config.instruments, dtype=config.dtype,
-                    factor_tables=tuple(config.factor_tables) if config.factor_tables is not None else None)
-                result = exporter.export_full(config.snapshot_id, start, end, config.codes, options=options,
+                result = exporter.export_full(config.snapshot_id, start, end, config.codes, options=config.options(),
                                               if_exists="overwrite" if config.overwrite else "refuse")
             else:
                 result = exporter.export_incremental(config.snapshot_id, end, config.codes)
@@ -78,7 +71,7 @@ def adhoc_export_job(config: SnapshotsFile):
         return Output(None, metadata=result_metadata(result))
 
     @job(name=JOB_NAME, tags={"aistock/job": "adhoc_snapshot_export"},
-         description="One-off snapshot export; run config mirrors POST /api/v1/qlib/snapshots/daily of the seed.")
+         description="One-off snapshot export; run config mirrors the body of POST /api/v1/qlib/snapshots/daily.")
     def _job():
         export_snapshot()
 

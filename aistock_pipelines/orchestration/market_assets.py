@@ -20,6 +20,7 @@ from dagster import (
     BetaWarning,
     DataVersion,
     DefaultScheduleStatus,
+    Definitions,
     MaterializeResult,
     MetadataValue,
     ObserveResult,
@@ -29,6 +30,7 @@ from dagster import (
     multi_observable_source_asset,
 )
 
+from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.export.daily_features import VIEW_NAME, create_view
 from aistock_pipelines.export.mapping import ExportMapping, quote_table, resolve_mapping
 from aistock_pipelines.resources import AIstockDatabase
@@ -40,7 +42,6 @@ GROUP = "market"
 DAILY_FEATURES_KEY = AssetKey(["market", "daily_features"])
 OBSERVE_JOB = "observe_market_sources_job"
 OBSERVE_CRON = "*/30 * * * 1-5"
-TIMEZONE = "Asia/Shanghai"
 
 
 def source_key(table: str) -> AssetKey:
@@ -112,5 +113,11 @@ def observation_schedule(config: SnapshotsFile) -> ScheduleDefinition:
     job = define_asset_job(OBSERVE_JOB, selection=AssetSelection.assets(*keys),
                            description="Observe the AIstock source tables (latest day, rows).")
     return ScheduleDefinition(name="observe_market_sources", job=job, cron_schedule=OBSERVE_CRON,
-                              execution_timezone=TIMEZONE, default_status=DefaultScheduleStatus.RUNNING,
+                              execution_timezone=EXCHANGE_TIMEZONE, default_status=DefaultScheduleStatus.RUNNING,
                               description="Source freshness for the UI, every 30 minutes on weekdays.")
+
+
+def market_definitions(config: SnapshotsFile) -> Definitions:
+    """The market domain: observed source tables, ``market/daily_features`` and the observation schedule."""
+    return Definitions(assets=[market_source_assets(config), daily_features_asset(config)],
+                       schedules=[observation_schedule(config)])

@@ -1,7 +1,7 @@
 """Post-close schedule: 18:30 Asia/Shanghai on weekdays, today's partition of every open-ended snapshot.
 
 A custom ``@schedule`` rather than ``build_schedule_from_partitioned_job``: the latter targets the previous
-day for daily partitions and refuses hour/minute on weekday crons (REFERENCE §4). Holidays that fall on
+day for daily partitions and refuses hour/minute on weekday crons. Holidays that fall on
 weekdays are skipped with a reason, read from the database's own trade calendar.
 """
 
@@ -21,11 +21,11 @@ from dagster import (
     schedule,
 )
 
+from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.resources import AIstockDatabase
 from aistock_pipelines.snapshot_config import SnapshotsFile
 
 POST_CLOSE_CRON = "30 18 * * 1-5"
-TIMEZONE = "Asia/Shanghai"
 
 
 def snapshot_job_name(snapshot_id: str) -> str:
@@ -48,10 +48,10 @@ def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
     """One schedule per open-ended snapshot (a schedule targets one job; snapshot partitions differ)."""
 
     @schedule(name=f"{job.name.removesuffix('_job')}_post_close", cron_schedule=POST_CLOSE_CRON,
-              execution_timezone=TIMEZONE, job=job, default_status=DefaultScheduleStatus.RUNNING,
+              execution_timezone=EXCHANGE_TIMEZONE, job=job, default_status=DefaultScheduleStatus.RUNNING,
               description=f"After the close on trading days: today's partition of snapshots/{decl.id}.")
     def _post_close(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
-        today = context.scheduled_execution_time.astimezone(ZoneInfo(TIMEZONE)).date()
+        today = context.scheduled_execution_time.astimezone(ZoneInfo(EXCHANGE_TIMEZONE)).date()
         trading = is_trading_day(aistock_db, today, calendar_table)
         if trading is None:
             return SkipReason(f"{today} is not in {calendar_table}: extend the trade calendar")

@@ -28,6 +28,7 @@ from dagster import (
     asset,
 )
 
+from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.export.exporter import DataGateError, ExportResult, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
 from aistock_pipelines.export.meta_repo import MetaRepo
@@ -38,7 +39,6 @@ from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
-TIMEZONE = "Asia/Shanghai"
 # Single-run backfills are the point of these assets; the beta notice would only repeat at every load.
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 #: Transient failures (database restarts, a day not loaded yet) retry; bad data and bad config do not.
@@ -47,8 +47,8 @@ SNAPSHOT_RETRY = RetryPolicy(max_retries=3, delay=120, backoff=Backoff.EXPONENTI
 
 def partitions_for(decl: SnapshotDecl) -> DailyPartitionsDefinition:
     if decl.end is None:
-        return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=TIMEZONE, end_offset=1)
-    return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=TIMEZONE,
+        return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=EXCHANGE_TIMEZONE, end_offset=1)
+    return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=EXCHANGE_TIMEZONE,
                                      end_date=(decl.end + timedelta(days=1)).isoformat())
 
 

@@ -28,6 +28,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from aistock_pipelines.conventions import RESULTS_API_URL
 from aistock_pipelines.rdagent.catalog_models import (
     CATALOG_KINDS,
     ENVELOPES,
@@ -40,7 +41,7 @@ from aistock_pipelines.rdagent.catalog_models import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "http://127.0.0.1:9000"
+DEFAULT_BASE_URL = RESULTS_API_URL
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 _DETAIL_CHARS = 200  # how much of an error body may appear in an exception message
 

@@ -16,7 +16,6 @@ clients only ever see ``null`` from a working server.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import sqlite3
 import threading
@@ -29,6 +28,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
+
+from aistock_pipelines.conventions import RESULTS_API_HOST, RESULTS_API_PORT
+from aistock_pipelines.rdagent.json_values import sanitize_json
 
 #: ``/catalog/<kind>`` -> file under ``<results_dir>/aistock/``.
 CATALOG_FILES: dict[str, str] = {
@@ -48,17 +50,6 @@ LEFT JOIN artifact_files AS f ON f.artifact_id = a.artifact_id
 WHERE a.task_run_id = ? AND a.loop_id = ?
 ORDER BY a.artifact_type, a.name, a.artifact_id, f.path
 """
-
-
-def sanitize_json(value: Any) -> Any:
-    """Replace non-finite floats by ``None`` recursively (JSON has no NaN; Starlette refuses them)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: sanitize_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [sanitize_json(item) for item in value]
-    return value
 
 
 def _load_json(path: Path) -> Any | None:
@@ -172,7 +163,7 @@ def create_app(results_dir: Path) -> FastAPI:
     return app
 
 
-def serve(results_dir: Path, host: str = "127.0.0.1", port: int = 9000) -> None:
+def serve(results_dir: Path, host: str = RESULTS_API_HOST, port: int = RESULTS_API_PORT) -> None:
     """Run the API in the foreground (blocking) until interrupted."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():

@@ -44,6 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from aistock_pipelines.rdagent import registry_schema as rs
 from aistock_pipelines.rdagent.catalog_models import Alpha158Meta, CatalogResponse
+from aistock_pipelines.rdagent.json_values import sanitize_json
 from aistock_pipelines.rdagent.results_client import (
     RDAgentResultsClient,
     ResultsApiBadResponse,
@@ -167,17 +168,6 @@ def _fetch_envelope(client: RDAgentResultsClient, kind: CatalogName) -> CatalogR
 
 
 # ---------------------------------------------------------------------------------- value coercions
-def sanitize_json(value: Any) -> Any:
-    """Non-finite floats become ``None`` (PostgreSQL's jsonb has no NaN), recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): sanitize_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [sanitize_json(v) for v in value]
-    return value
-
-
 def _text(value: Any) -> str | None:
     """Strings as is; numbers as text (``impl_version`` 20260114 written as a JSON number); else None."""
     if isinstance(value, str):

@@ -39,7 +39,7 @@ from aistock_pipelines.rdagent.sync import (
     sync_catalog,
     sync_loop_artifacts,
 )
-from aistock_pipelines_tests.rdagent.conftest import HANG
+from aistock_pipelines_tests.rdagent.fixtures import HANG
 
 FAST = {"backoff": 0.01, "connect_timeout": 1.0, "read_timeout": 2.0, "retries": 1}
 GENERATED = "2026-01-14T08:30:12.345678+00:00"

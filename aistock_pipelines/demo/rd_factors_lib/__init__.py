@@ -1,4 +1,5 @@
-"""Demo copy of RD-Agent's shared factor package ``rd_factors_lib`` (the layout of seed §1.1).
+"""Demo copy of RD-Agent's shared factor package ``rd_factors_lib``: one module of factor
+functions (``generated.py``) and a ``VERSION`` file.
 
 The real package is a separate distribution (``pip install -e <rd-factors-lib>``) maintained by RD-Agent;
 this copy exists so the demo and the tests can resolve the catalog's ``impl_module: rd_factors_lib.generated``

@@ -16,16 +16,14 @@ import sqlalchemy as sa
 from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 
 from aistock_pipelines.cli import main
-from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.definitions import build_definitions
-from aistock_pipelines.demo.market import advance_market
 from aistock_pipelines.orchestration.adhoc_export import JOB_NAME as ADHOC_JOB
 from aistock_pipelines.orchestration.market_assets import OBSERVE_JOB
 from aistock_pipelines.orchestration.snapshot_checks import CHECKS
 from aistock_pipelines.settings import Settings
 
 pytestmark = pytest.mark.db
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QLIB = AssetKey(["snapshots", "demo_qlib"])
 RANGE = {"dagster/asset_partition_range_start": "2023-01-03", "dagster/asset_partition_range_end": "2024-06-19"}
 
@@ -116,14 +114,14 @@ def test_calendar_check_fails_on_a_shortened_calendar(world, corruptible):
     assert results["index_unique_sorted"].passed and results["rdagent_folders_clean"].passed
 
 
-def test_daily_features_view_and_source_observations(world):
+def test_daily_features_view_and_source_observations(world, make_engine):
     url, root, defs = world
     instance = DagsterInstance.ephemeral()
     result = materialize([defs.get_assets_def(AssetKey(["market", "daily_features"]))], resources=defs.resources,
                          instance=instance)
     md = result.asset_materializations_for_node("market__daily_features")[0].metadata
     assert md["column_count"].value == len(md["columns"].value)
-    engine = create_db_engine(url)
+    engine = make_engine(url)
     with engine.connect() as conn:
         view = pd.read_sql(sa.text("SELECT ts_code, close, volume, factor, db_pb FROM market.daily_features "
                                    "WHERE trade_date = '2024-06-19' ORDER BY ts_code"), conn)
@@ -150,7 +148,6 @@ def test_daily_features_view_and_source_observations(world):
         last, n = conn.execute(sa.text("SELECT trade_date, count(*) FROM market.kline_daily_qfq GROUP BY 1 "
                                        "ORDER BY 1 DESC LIMIT 1")).one()
     assert qfq["latest_trade_date"].value == last.isoformat() and qfq["rows_on_latest_day"].value == n
-    engine.dispose()
 
 
 def test_adhoc_export_job(world):

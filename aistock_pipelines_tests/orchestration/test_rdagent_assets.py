@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from aistock_pipelines.demo.rdagent_results_builder import build_demo_results_dir, load_demo_catalog
 from aistock_pipelines.rdagent import registry_schema as rs
-from aistock_pipelines.rdagent.dagster_assets import (
+from aistock_pipelines.orchestration.rdagent_assets import (
     CHECK_NAME,
     JOB_NAME,
     RDAGENT_ASSETS,
@@ -40,7 +40,7 @@ from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
 from aistock_pipelines.rdagent.sync import NOT_PUBLISHED, catalog_fingerprint
 from aistock_pipelines.resources import AIstockDatabase, RDAgentResultsApi, resources_for
 from aistock_pipelines.settings import Settings
-from aistock_pipelines_tests.rdagent.conftest import HANG
+from aistock_pipelines_tests.rdagent.fixtures import HANG
 
 ALL_KEYS = [AssetKey(["rdagent", n]) for n in
             ("factor_catalog", "strategy_catalog", "loop_catalog", "model_catalog", "alpha158_meta", "loop_artifacts")]

@@ -1,5 +1,7 @@
 """Fixtures for the RD-Agent results API tests: real HTTP servers on 127.0.0.1, ephemeral ports only.
 
+A plugin of the root conftest, so the Dagster wiring tests in ``orchestration/`` use them too.
+
 * ``demo_results_dir`` / ``demo_server``: the demo directory and the conformant server over it, shared by
   the read-only tests of a session.
 * ``results_dir`` + ``start_server``: a private copy and server for tests that edit files.
@@ -26,9 +28,9 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 
-from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.demo.rdagent_results_builder import build_demo_results_dir
 from aistock_pipelines.rdagent.results_server import serve_in_thread
+from aistock_pipelines_tests.helpers import disposing_engine
 
 LOOPBACK = "127.0.0.1"
 
@@ -72,7 +74,7 @@ def registry_db(pg_server) -> str:
     """One database for all registry tests (URL); ``registry_engine`` empties it before each test.
 
     Resetting a schema is much cheaper than a database per test: every ``DROP DATABASE`` forces a
-    checkpoint, which made the session teardown grow to tens of seconds.
+    checkpoint.
     """
     return pg_server.create_database("rdagent_registry")
 
@@ -80,11 +82,10 @@ def registry_db(pg_server) -> str:
 @pytest.fixture
 def registry_engine(registry_db: str) -> Iterator[Engine]:
     """An engine on a database without the ``rdagent`` schema (the sync creates it itself)."""
-    engine = create_db_engine(registry_db)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("DROP SCHEMA IF EXISTS rdagent CASCADE")
-    yield engine
-    engine.dispose()
+    with disposing_engine(registry_db) as engine:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS rdagent CASCADE")
+        yield engine
 
 
 #: Route value meaning "accept the request and never answer".

@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.demo.market import AdvanceResult, advance_market
 from aistock_pipelines.export import qlib_format
-from aistock_pipelines.export.exporter import DataGateError, DataNotReady, QlibDailyExporter
+from aistock_pipelines.export.exporter import QlibDailyExporter
+from aistock_pipelines.export.gates import DataGateError, DataNotReady
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
@@ -37,6 +37,7 @@ from aistock_pipelines.live import (
 )
 from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE
 from aistock_pipelines.snapshot_config import load_snapshots_file
+from aistock_pipelines_tests.helpers import disposing_engine
 
 pytestmark = pytest.mark.db
 
@@ -56,16 +57,15 @@ class Exported:
 def export_declared(url: str, root: Path) -> Exported:
     """A fresh full export of each declared snapshot, by the exporter itself (the reference)."""
     declared = load_snapshots_file(DEMO_SNAPSHOTS_FILE)
-    engine = create_db_engine(url)
-    exporter = QlibDailyExporter(DBReader(engine, declared.export_mapping(), url), SnapshotWriter(root), MetaRepo(engine))
     frames, calendars = {}, {}
-    for sid in SNAPSHOTS:
-        d = declared.get(sid)
-        # Qlib bins do not change daily_pv.h5 (the frame compared here); skipping them saves test time.
-        exporter.export_full(sid, d.start, d.end, d.ts_codes, options=replace(d.options(), qlib_bins=False))
-        frames[sid] = pd.read_hdf(root / sid / "daily_pv.h5", key="data")
-        calendars[sid] = pd.DatetimeIndex(pd.to_datetime(qlib_format.read_calendar(root / sid / "calendars" / "day.txt")))
-    engine.dispose()
+    with disposing_engine(url) as engine:
+        exporter = QlibDailyExporter(DBReader(engine, declared.export_mapping(), url), SnapshotWriter(root), MetaRepo(engine))
+        for sid in SNAPSHOTS:
+            d = declared.get(sid)
+            # Qlib bins do not change daily_pv.h5 (the frame compared here); skipping them saves test time.
+            exporter.export_full(sid, d.start, d.end, d.ts_codes, options=replace(d.options(), qlib_bins=False))
+            frames[sid] = pd.read_hdf(root / sid / "daily_pv.h5", key="data")
+            calendars[sid] = pd.DatetimeIndex(pd.to_datetime(qlib_format.read_calendar(root / sid / "calendars" / "day.txt")))
     return Exported(url, frames, calendars)
 
 
@@ -91,9 +91,8 @@ def base(pg_server, market_template, tmp_path_factory) -> Exported:
 def advanced(pg_server, market_template, tmp_path_factory) -> tuple[Exported, AdvanceResult]:
     """The same market one day later, with ex-dates that restated whole qfq histories, exported afresh."""
     url = pg_server.create_database("live_adv", template=market_template.template_name)
-    engine = create_db_engine(url)
-    adv = advance_market(engine, events=6)
-    engine.dispose()
+    with disposing_engine(url) as engine:
+        adv = advance_market(engine, events=6)
     assert len(adv.restated) == 6
     return export_declared(url, tmp_path_factory.mktemp("live_adv")), adv
 
@@ -217,8 +216,7 @@ def day_bars(url: str, day: date) -> pd.DataFrame:
     """The raw (unadjusted) bars of ``day`` in database units, with the exchange's previous close
     (ex-rights reference price: last raw close × adj_factor(prev) / adj_factor(day)), as a quote feed
     such as TDX delivers them during the day."""
-    engine = create_db_engine(url)
-    with engine.connect() as conn:
+    with disposing_engine(url) as engine, engine.connect() as conn:
         bars = pd.read_sql(sa.text("""
             SELECT r.ts_code, r.trade_date, r.open_li, r.high_li, r.low_li, r.close_li, r.volume_hand, r.amount_li,
                    round(p.close_li * p.adj_factor / a.adj_factor)::int8 AS pre_close
@@ -228,7 +226,6 @@ def day_bars(url: str, day: date) -> pd.DataFrame:
                                 WHERE pr.ts_code = r.ts_code AND pr.trade_date < r.trade_date
                                 ORDER BY pr.trade_date DESC LIMIT 1) p
             WHERE r.trade_date = :d"""), conn, params={"d": day})
-    engine.dispose()
     return bars
 
 
