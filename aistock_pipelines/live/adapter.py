@@ -353,7 +353,7 @@ class LiveDataAdapter:
         if not ratios:
             return window_rows, prev_rows, []
         has_factor = self.resolved.mapping.has_factor
-        scaled = [*PRICE_FIELDS, *(["factor", "vwap"] if has_factor else [])]
+        scaled = [*PRICE_FIELDS, *(f for f in self.resolved.derived_fields if f != "change")]  # price-like
 
         def apply(frame: pd.DataFrame, only_before: bool) -> pd.DataFrame:
             frame = frame.copy()

@@ -131,6 +131,11 @@ def test_changed_declaration_rebuilds_instead_of_mixing(exported):
      "UPDATE market.kline_daily_qfq SET open_li = NULL WHERE ctid IN (SELECT ctid FROM market.kline_daily_qfq LIMIT 1)", "NULL prices"),
     ("ALTER TABLE market.kline_daily_qfq DROP CONSTRAINT kline_daily_qfq_pkey;"
      "INSERT INTO market.kline_daily_qfq SELECT * FROM market.kline_daily_qfq LIMIT 1", "duplicate"),
+    # a code that would be a path outside the version folder (it fits varchar(9))
+    ("INSERT INTO market.kline_daily_qfq SELECT '../../../', trade_date, open_li, high_li, low_li, close_li, "
+     "volume_hand, amount_li, adjust_type, source FROM market.kline_daily_qfq WHERE ts_code = "
+     "(SELECT min(ts_code) FROM market.kline_daily_qfq)",
+     r"malformed ts_code\(s\) \['\.\./\.\./\.\./'\] in market\.kline_daily_qfq"),
 ])
 def test_data_gates_refuse_and_keep_the_previous_snapshot(exported, market_db, corruption, message):
     ex, result, path = exported
@@ -141,6 +146,7 @@ def test_data_gates_refuse_and_keep_the_previous_snapshot(exported, market_db, c
     with pytest.raises(DataGateError, match=message):
         ex.export_full("demo", START)
     assert (path / "daily_pv.h5").read_bytes() == before
-    # the refused export's own version — bins written beside its read included — is gone
+    # the refused export's own version — bins written beside its read included — is gone, nothing else made
     assert list((path.parent / ".versions").iterdir()) == [path.resolve()]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".locks", ".versions", "demo"]
     engine.dispose()
