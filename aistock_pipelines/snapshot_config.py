@@ -47,6 +47,7 @@ class MappingDecl(_Strict):
     raw_table: str | None = _DEFAULT_MAPPING.raw_table
     calendar_table: str = _DEFAULT_MAPPING.calendar_table
     fields: dict[str, FieldDecl] = Field(default_factory=dict)  # overrides of FIELD_MAPPING_DB_DAILY
+    missing_raw: Literal["refuse", "nan"] = _DEFAULT_MAPPING.missing_raw
 
 
 class SnapshotLayout(_Strict):
@@ -104,7 +105,7 @@ class SnapshotsFile(_Strict):
         fields.update({k: FieldSpec(v.column, v.scale, v.unit) for k, v in self.mapping.fields.items()})
         return ExportMapping(
             bars_table=self.mapping.bars_table, raw_table=self.mapping.raw_table,
-            calendar_table=self.mapping.calendar_table, fields=fields,
+            calendar_table=self.mapping.calendar_table, fields=fields, missing_raw=self.mapping.missing_raw,
             factor_tables=tuple(FactorTable(t.name, t.table, {k: FieldSpec(v.column, v.scale, v.unit)
                                                              for k, v in t.columns.items()}, t.prefix)
                                 for t in self.factor_tables))

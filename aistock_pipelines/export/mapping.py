@@ -127,10 +127,16 @@ class ExportMapping:
     calendar_table: str = "market.trading_calendar"
     fields: dict[str, FieldSpec] = field(default_factory=lambda: dict(FIELD_MAPPING_DB_DAILY))
     factor_tables: tuple[FactorTable, ...] = ()
+    #: A bar without a usable raw close (no raw row, NULL or 0): refused by the data gates ("refuse"), or
+    #: exported with NaN factor, volume and vwap ("nan"). Not part of the fingerprint: complete data gives
+    #: the same snapshot either way.
+    missing_raw: str = "refuse"
 
     def __post_init__(self) -> None:
         for table in (self.bars_table, self.calendar_table, *([self.raw_table] if self.raw_table else [])):
             _check_table_name(table)
+        if self.missing_raw not in ("refuse", "nan"):
+            raise MappingError(f"missing_raw must be 'refuse' or 'nan', got {self.missing_raw!r}")
         missing = [f for f in PRICE_FIELDS if f not in self.fields]
         if missing:
             raise MappingError(f"the bar mapping needs fields {missing} (logical name → column)")
@@ -163,6 +169,11 @@ class ExportMapping:
     @property
     def has_factor(self) -> bool:
         return self.raw_table is not None
+
+    @property
+    def required_raw_table(self) -> str | None:
+        """The raw table whose row every bar must have (None: none, or NaN allowed by ``missing_raw``)."""
+        return self.raw_table if self.missing_raw == "refuse" else None
 
     @property
     def derived_fields(self) -> list[str]:

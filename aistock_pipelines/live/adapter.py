@@ -220,7 +220,7 @@ class LiveDataAdapter:
                 f"{f' (the start of snapshot {self.snapshot_id!r})' if self.snapshot_id else ''}", unknown)
 
         window_rows = pd.concat([p for p in (db.frame, live) if p is not None])
-        check_gates(window_rows, set(db.days))
+        check_gates(window_rows, set(db.days), self.resolved.mapping.required_raw_table)
         prev_rows = self._previous_rows(db.prev)
         rescaled: list[str] = []
         if pre_close:
