@@ -100,7 +100,7 @@ def _read(build: SnapshotBuild, meta: dict, end: date | None, states: dict, trus
         restated = sorted(fingerprints.restated(states) if trusted else set(fingerprints.table.index) | set(states))
         with timer.phase("read_db"):
             history = s.load_daily(restated, build.start, new_end) if restated else None
-        if not n_new and (restated or new_rows is not None):  # restatements only: the stored block as it is
+        if not n_new and restated:  # restatements only: the stored block as it is
             stored = _read_stored(build, 0, sha256)
             current = stored.frame() if stored is not None else None
         return Reads(new_end, days, new_rows, restated, history, stored, current, fingerprints, s.rows_read)
