@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from aistock_pipelines.demo import cn_calendar
+from aistock_pipelines.demo.indices import Life, advance_research_tables, research_tables
 from aistock_pipelines.demo.market_schema import DDL, DEMO_TABLES, INDEXES
 
 SOURCE = "demo"
@@ -263,7 +264,7 @@ def seed_demo_market(engine: Engine, spec: MarketSpec = MarketSpec()) -> SeedSum
     codes = _make_codes(rng, spec.n_instruments)
     children = np.random.SeedSequence(spec.seed).spawn(len(codes))
 
-    bars, adj, basics, flows, basic_info = [], [], [], [], []
+    bars, adj, basics, flows, basic_info, lives = [], [], [], [], [], []
     ipos = delistings = suspended_instruments = suspension_days = events = 0
     for code, child in zip(codes, children):
         irng = np.random.default_rng(child)
@@ -282,6 +283,7 @@ def seed_demo_market(engine: Engine, spec: MarketSpec = MarketSpec()) -> SeedSum
             basics.append(b)
             flows.append(f)
         delisted = sim["last"] < len(days) - 1
+        lives.append(Life(code, sim["first"], sim["last"]))
         basic_info.append({
             "ts_code": code, "name": f"DEMO{code[:6]}", "exchange": {"SH": "SSE", "SZ": "SZSE", "BJ": "BSE"}[code[-2:]],
             "list_date": days[sim["first"]].date() if sim["first"] > 0 else spec.start - timedelta(days=int(irng.integers(400, 6000))),
@@ -309,6 +311,8 @@ def seed_demo_market(engine: Engine, spec: MarketSpec = MarketSpec()) -> SeedSum
         if spec.factor_tables:
             _copy_frame(conn, "market.daily_basic", pd.concat(basics, ignore_index=True))
             _copy_frame(conn, "market.moneyflow", pd.concat(flows, ignore_index=True))
+        for table, rows in research_tables(days, lives, spec.seed).items():
+            _copy_frame(conn, table, rows)
         conn.exec_driver_sql(INDEXES)
         conn.execute(sa.text("INSERT INTO market.demo_market_info (spec) VALUES (CAST(:spec AS jsonb))"),
                      {"spec": json.dumps(spec.to_json())})
@@ -396,6 +400,7 @@ def advance_market(engine: Engine, events: int = 3, seed: int | None = None) -> 
         _copy_frame(conn, "market.adj_factor", pd.DataFrame({"ts_code": raw["ts_code"], "trade_date": day, "adj_factor": af_live}))
         if conn.execute(sa.text("SELECT to_regclass('market.daily_basic') IS NOT NULL")).scalar():
             _advance_factor_tables(conn, raw, day, rng)
+        advance_research_tables(conn, day, seed)
         restated = sorted(prev["ts_code"].to_numpy()[chosen].tolist()) if len(chosen) else []
         for code in restated:
             anchor = float(af[prev.index[prev["ts_code"] == code][0]])
