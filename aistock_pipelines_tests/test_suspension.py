@@ -8,24 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aistock_pipelines.export import frames, qlib_format
+from aistock_pipelines.export import qlib_format
 from aistock_pipelines.export.snapshot_writer import SnapshotOptions, external_frame
 from aistock_pipelines.export.suspension import with_suspension_rows
 from aistock_pipelines_tests.test_export import START, make_exporter
 
 
 def reference(frame: pd.DataFrame, calendar: list[date]) -> pd.DataFrame:
-    """The same layout the slow, obvious way: every (day, instrument) of each span, then ``reindex``."""
+    """The same layout the obvious pandas way: every (day, instrument) of the calendar, then the rows between
+    each instrument's first and last row (running counts of its rows from both ends)."""
     days = pd.DatetimeIndex(pd.to_datetime(calendar)).as_unit(frame.index.levels[0].unit)
-    keys = []
-    for name, part in frame.groupby(level="instrument", sort=False):
-        when = part.index.get_level_values("datetime")
-        keys += [(d, name) for d in days[(days >= when.min()) & (days <= when.max())]]
-    keys.sort()
-    index = pd.MultiIndex.from_arrays(
-        [pd.DatetimeIndex([d for d, _ in keys]).as_unit(days.unit),
-         pd.Index([n for _, n in keys], dtype=frame.index.levels[1].dtype)], names=frame.index.names)
-    return frame.reindex(index)
+    names = pd.Index(sorted(set(frame.index.get_level_values("instrument"))), dtype=frame.index.levels[1].dtype)
+    full = pd.MultiIndex.from_product([days, names], names=frame.index.names)
+    has = pd.Series(full.isin(frame.index), index=full).astype(int)
+    after_first = has.groupby(level="instrument").cumsum() > 0
+    before_last = has.iloc[::-1].groupby(level="instrument").cumsum().iloc[::-1] > 0
+    return frame.reindex(full[(after_first & before_last).to_numpy()])
 
 
 def assert_identical(got: pd.DataFrame, expected: pd.DataFrame) -> None:
@@ -42,8 +40,8 @@ def test_nan_rows_on_a_demo_snapshot_equal_the_reference(market_db, market_templ
     ex.export_full("demo", START, options=options)
     stored = pd.read_hdf(tmp_path / "demo" / "daily_pv.h5", key="data")  # as a consumer reads it (pandas 3: str level)
     calendar = qlib_format.read_calendar(tmp_path / "demo" / "calendars" / "day.txt")
-    finished = frames.merge_sorted([(ex.reader.load_daily(None, START, calendar[-1]), None)], dtype=options.dtype, change=True)
-    in_memory = external_frame(finished, options)  # what the exporter writes (object instrument level)
+    # the exporter's frame in memory has an object instrument level (external_frame); the file reads back as str
+    in_memory = stored.set_axis(stored.index.set_levels(stored.index.levels[1].astype(object), level=1), axis=0)
     assert in_memory.index.levels[1].dtype == object != stored.index.levels[1].dtype
     for frame in (stored, in_memory):
         got = with_suspension_rows(frame, calendar)

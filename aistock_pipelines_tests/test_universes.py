@@ -160,7 +160,7 @@ def test_text_trade_dates_and_a_configured_table(market_db):
     engine.dispose()
 
 
-def test_bad_declarations_name_the_universe_and_the_fix(db, tmp_path, market_db):
+def test_bad_declarations_name_the_universe_and_the_fix(db, tmp_path):
     engine, calendar, *_ = db
     with engine.connect() as conn:
         with pytest.raises(SourceTableError, match=r"universe 'csi300': table market\.nope does not exist.*universes\.csi300\.table"):
