@@ -60,9 +60,11 @@ def ensure_demo_market(settings: Settings, reseed: bool) -> None:
     with engine.connect() as conn:
         seeded = conn.execute(sa.text("SELECT to_regclass('market.demo_market_info') IS NOT NULL")).scalar()
         real = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": ExportMapping().bars_table}).scalar()
+        # a demo seeded before the index and universe tables existed is seeded anew, so the UI shows them
+        outdated = seeded and not conn.execute(sa.text("SELECT to_regclass('market.index_daily') IS NOT NULL")).scalar()
     if real and not seeded:
         log.info("database %s holds a real market: not seeding", redact(url))
-    elif reseed or not seeded:
+    elif reseed or not seeded or outdated:
         log.info("seeding the demo market into %s", redact(url))
         summary = seed_demo_market(engine, MarketSpec())
         log.info("demo market: %s instruments, %s bars, %s .. %s", summary.instruments, summary.bars,

@@ -13,8 +13,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from aistock_pipelines.export.benchmarks import BenchmarksDecl
 from aistock_pipelines.export.mapping import FIELD_MAPPING_DB_DAILY, ExportMapping, FactorTable, FieldSpec, MappingError
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
+from aistock_pipelines.export.universes import UniverseDecl, check_universe_name
 
 
 class SnapshotConfigError(ValueError):
@@ -99,6 +101,15 @@ class SnapshotsFile(_Strict):
     mapping: MappingDecl = Field(default_factory=MappingDecl)
     factor_tables: list[FactorTableDecl] = Field(default_factory=list)
     snapshots: list[SnapshotDecl]
+    universes: dict[str, UniverseDecl] = Field(default_factory=dict)  # instruments/<name>.txt (export/universes.py)
+    benchmarks: BenchmarksDecl | None = None  # index bins (export/benchmarks.py)
+
+    @field_validator("universes")
+    @classmethod
+    def _universe_names(cls, v: dict[str, UniverseDecl]) -> dict[str, UniverseDecl]:
+        for name in v:
+            check_universe_name(name)
+        return v
 
     def export_mapping(self) -> ExportMapping:
         fields = dict(FIELD_MAPPING_DB_DAILY)
