@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aistock_pipelines.export.benchmarks import BenchmarksDecl
 from aistock_pipelines.export.mapping import FIELD_MAPPING_DB_DAILY, ExportMapping, FactorTable, FieldSpec, MappingError
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
+from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.universes import UniverseDecl, check_universe_name
 
 
@@ -110,6 +111,10 @@ class SnapshotsFile(_Strict):
         for name in v:
             check_universe_name(name)
         return v
+
+    def market_files(self) -> MarketFilesDecl:
+        """The universe files and benchmark bins every snapshot holds."""
+        return MarketFilesDecl(dict(self.universes), self.benchmarks)
 
     def export_mapping(self) -> ExportMapping:
         fields = dict(FIELD_MAPPING_DB_DAILY)

@@ -14,6 +14,7 @@ from aistock_pipelines.export.build import ExportResult, SnapshotBuild, declarat
 from aistock_pipelines.export.full_export import run_full
 from aistock_pipelines.export.gates import DataGateError, DataNotReady, check_gates, finalize
 from aistock_pipelines.export.incremental_export import run_incremental
+from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader, check_codes
 from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions, check_snapshot_id
@@ -27,10 +28,12 @@ log = logging.getLogger(__name__)
 
 
 class QlibDailyExporter:
-    def __init__(self, reader: DBReader, writer: SnapshotWriter, meta: MetaRepo):
+    def __init__(self, reader: DBReader, writer: SnapshotWriter, meta: MetaRepo,
+                 market_files: MarketFilesDecl = MarketFilesDecl()):
         self.reader = reader
         self.writer = writer
         self.meta = meta
+        self.market_files = market_files
         self._readers: dict[tuple[str, ...], DBReader] = {}
 
     def export_full(self, snapshot_id: str, start: date, end: date | None = None, ts_codes: list[str] | None = None,
@@ -84,4 +87,4 @@ class QlibDailyExporter:
                options: SnapshotOptions) -> SnapshotBuild:
         universe = check_codes(ts_codes) if ts_codes is not None and mode != "incremental" else ts_codes
         return SnapshotBuild(snapshot_id, mode, start, universe, options, self.reader_for(options), self.writer,
-                             self.meta, PhaseTimer())
+                             self.meta, PhaseTimer(), self.market_files)

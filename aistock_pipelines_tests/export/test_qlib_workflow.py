@@ -21,17 +21,15 @@ import sqlalchemy as sa
 
 from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.export import qlib_format
-from aistock_pipelines.export.benchmarks import read_index_bars, write_benchmark_bins
 from aistock_pipelines.export.mapping import ExportMapping
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
-from aistock_pipelines.export.universes import write_universes
 from aistock_pipelines.snapshot_config import load_snapshots_file
-from aistock_pipelines_tests.test_export import make_exporter
+from aistock_pipelines_tests.export.helpers import make_exporter
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-WORKFLOW = Path(__file__).with_name("qlib_consumer") / "workflow.py"
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW = REPO / "aistock_pipelines_tests" / "qlib_consumer" / "workflow.py"
 DEMO_DECLARATIONS = REPO / "aistock_pipelines" / "demo" / "snapshots.yaml"
 START = date(2023, 1, 3)  # demo_qlib's start
 SEGMENTS = ("2023-04-03", "2023-10-31", "2023-12-29", "2024-06-14")  # train start, train end, valid end, test end
@@ -44,22 +42,6 @@ def qlib_python() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def add_research_files(url: str, snapshot: Path) -> None:
-    """The demo declaration's universes and benchmark bins, written into the snapshot the way the export
-    build will write them (until it does: then delete this and the call below)."""
-    declared = load_snapshots_file(DEMO_DECLARATIONS)
-    calendar = qlib_format.read_calendar(snapshot / "calendars" / "day.txt")
-    lines = [line.split("\t") for line in (snapshot / "instruments" / "all.txt").read_text().splitlines()]
-    bar_spans = [(s, date.fromisoformat(a), date.fromisoformat(b)) for s, a, b in lines]
-    engine = create_db_engine(url)
-    with engine.connect() as conn:
-        write_universes(conn, declared.universes, snapshot / "instruments", calendar, instruments="qlib",
-                        bar_spans=bar_spans)
-        bars = read_index_bars(conn, declared.benchmarks, calendar)
-    engine.dispose()
-    write_benchmark_bins(snapshot / "features", bars, calendar, instruments="qlib")
-
-
 def universe_days(path: Path, calendar: list[date]) -> set[tuple[str, str]]:
     out = set()
     for line in path.read_text().splitlines():
@@ -69,10 +51,10 @@ def universe_days(path: Path, calendar: list[date]) -> set[tuple[str, str]]:
 
 
 def test_alpha158_lightgbm_topk_backtest_against_sh000300(market_db, tmp_path, qlib_python):
-    ex = make_exporter(market_db, tmp_path / "snapshots", ExportMapping())
+    declared = load_snapshots_file(DEMO_DECLARATIONS)
+    ex = make_exporter(market_db, tmp_path / "snapshots", ExportMapping(), declared.market_files())
     ex.export_full("demo_qlib", START, options=SnapshotOptions(columns="dollar", instruments="qlib", dtype="float32"))
     snapshot = tmp_path / "snapshots" / "demo_qlib"
-    add_research_files(market_db, snapshot)
 
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
