@@ -11,7 +11,7 @@ import pytest
 from aistock_pipelines.export import qlib_bins, qlib_format
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions, external_frame
 from aistock_pipelines.export.suspension import with_suspension_rows
-from aistock_pipelines_tests.test_export import START, make_exporter
+from aistock_pipelines_tests.export.helpers import START, make_exporter
 
 
 def reference(frame: pd.DataFrame, calendar: list[date]) -> pd.DataFrame:
