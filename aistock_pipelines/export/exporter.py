@@ -35,6 +35,7 @@ from aistock_pipelines.export.mapping import quote_table
 from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
 from aistock_pipelines.export import frames, qlib_format
 from aistock_pipelines.export.reader import DataGateError, DBReader, ReadSession, check_codes
+from aistock_pipelines.export.snapshot_lock import snapshot_write_lock
 from aistock_pipelines.export.snapshot_writer import (NewVersion, SnapshotError, SnapshotOptions, SnapshotWriter,
                                                       by_field, check_snapshot_id, external_frame)
 
@@ -132,7 +133,7 @@ class QlibDailyExporter:
         check_snapshot_id(snapshot_id)
         if if_exists not in ("overwrite", "refuse"):
             raise ValueError("if_exists must be 'overwrite' or 'refuse'")
-        with self.writer.lock(snapshot_id):
+        with snapshot_write_lock(self.reader.engine, snapshot_id), self.writer.lock(snapshot_id):
             if self.writer.exists(snapshot_id) and if_exists == "refuse":
                 raise SnapshotError(f"snapshot {snapshot_id} exists; pass if_exists='overwrite' to replace it")
             return self._full(snapshot_id, start, end, ts_codes, options, mode="full")
@@ -142,7 +143,7 @@ class QlibDailyExporter:
         """Bring the snapshot up to ``end``: new trading days appended, restated instruments rewritten.
         ``ts_codes``/``options``/``start`` default to the snapshot's declaration; differing values rebuild it."""
         check_snapshot_id(snapshot_id)
-        with self.writer.lock(snapshot_id):
+        with snapshot_write_lock(self.reader.engine, snapshot_id), self.writer.lock(snapshot_id):
             meta = self.writer.read_meta(snapshot_id)
             if meta is None:
                 if start is None:
