@@ -307,9 +307,12 @@ def _env_default(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def check_dagster_storage(environ: Mapping[str, str], home_check: Check, settings: Settings | None) -> Check:
+def check_dagster_storage(environ: Mapping[str, str], home_check: Check,
+                          settings: Settings | None) -> tuple[Check, Check]:
+    """Dagster's storage answers; and every pool the code location uses has its limit stored there."""
     if home_check.status == "FAIL":
-        return Check("Dagster storage", "WARN", "not checked (DAGSTER_HOME above)", "fix DAGSTER_HOME first")
+        return (Check("Dagster storage", "WARN", "not checked (DAGSTER_HOME above)", "fix DAGSTER_HOME first"),
+                Check("Dagster pools", "WARN", "not checked (DAGSTER_HOME above)", "fix DAGSTER_HOME first"))
     from dagster import DagsterInstance
 
     try:
@@ -318,15 +321,46 @@ def check_dagster_storage(environ: Mapping[str, str], home_check: Check, setting
             with DagsterInstance.from_config(environ["DAGSTER_HOME"].strip()) as instance:
                 storage = type(instance.run_storage).__name__
                 runs = instance.get_runs_count()
+                stored_pools = instance.event_log_storage.get_concurrency_keys()
     except Exception as e:  # noqa: BLE001 - any failure to load or reach the storage is the finding
-        return Check("Dagster storage", "FAIL", f"the instance in $DAGSTER_HOME cannot reach its storage: "
-                     f"{_first_line(e)}", "check DAGSTER_PG_HOST/PORT/DB/USERNAME/PASSWORD and that the "
-                     "database exists")
+        failed = Check("Dagster storage", "FAIL", f"the instance in $DAGSTER_HOME cannot reach its storage: "
+                       f"{_first_line(e)}", "check DAGSTER_PG_HOST/PORT/DB/USERNAME/PASSWORD and that the "
+                       "database exists")
+        return failed, Check("Dagster pools", "WARN", "not checked (Dagster storage above)", "fix the storage first")
     detail = f"{storage} answers ({runs} runs recorded)"
     if "Sqlite" in storage and settings is not None and settings.deployment == "production":
-        return Check("Dagster storage", "WARN", detail + ": SQLite is single-host",
-                     "use the repository's dagster.yaml (PostgreSQL storage) in production")
-    return Check("Dagster storage", "OK", detail)
+        storage_check = Check("Dagster storage", "WARN", detail + ": SQLite is single-host",
+                              "use the repository's dagster.yaml (PostgreSQL storage) in production")
+    else:
+        storage_check = Check("Dagster storage", "OK", detail)
+    return storage_check, check_pools(settings, stored_pools)
+
+
+def code_location_pools(settings: Settings) -> set[str]:
+    """The pools the code location's ops run in (one per snapshot, the ad-hoc export's), from its definitions."""
+    from aistock_pipelines.definitions import build_definitions
+
+    repo = build_definitions(settings).get_repository_def()
+    return {op.pool for job in repo.get_all_jobs() for op in job.graph.iterate_op_defs() if op.pool}
+
+
+def check_pools(settings: Settings | None, stored: set[str]) -> Check:
+    """Dagster stores a pool's limit only when the queue first sees a run of it; runs queued together in
+    that very pass are not held apart, so the limits should exist before the first runs."""
+    if settings is None:
+        return Check("Dagster pools", "WARN", "not checked (settings above)", "fix the settings first")
+    try:
+        pools = code_location_pools(settings)
+    except Exception as e:  # noqa: BLE001 - a code location that does not load is reported, not raised
+        return Check("Dagster pools", "FAIL", f"the code location does not load: {_first_line(e)}",
+                     "dagster definitions validate -m aistock_pipelines.definitions shows the error")
+    missing = sorted(pools - stored)
+    if missing:
+        commands = "; ".join(f"dagster instance concurrency set {pool} 1" for pool in missing)
+        return Check("Dagster pools", "WARN", f"no stored limit for {', '.join(missing)}: the first runs of such "
+                     "a pool queued together would run at once (the writer lock still keeps their writes apart)",
+                     commands)
+    return Check("Dagster pools", "OK", f"{len(pools)} pools with stored limits ({', '.join(sorted(pools))})")
 
 
 # ---------------------------------------------------------------------------------- RD-Agent, factors
@@ -379,7 +413,7 @@ def run_checks() -> list[Check]:
         if engine is not None:
             engine.dispose()
     home_check = check_dagster_home(env, settings)
-    checks += [home_check, check_dagster_storage(env, home_check, settings)]
+    checks += [home_check, *check_dagster_storage(env, home_check, settings)]
     if settings is not None:
         checks += [check_results_api(settings), *check_factor_packages(settings)]
     return checks
