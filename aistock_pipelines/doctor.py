@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
 import yaml
@@ -26,6 +26,10 @@ from sqlalchemy.engine import Engine, make_url
 
 from aistock_pipelines.db import redact, resolve_db_url, sqlalchemy_url
 from aistock_pipelines.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from aistock_pipelines.export.mapping import ResolvedMapping
+    from aistock_pipelines.snapshot_config import SnapshotsFile
 
 Status = Literal["OK", "WARN", "FAIL"]
 
@@ -64,12 +68,14 @@ def secrets_in(environ: Mapping[str, str]) -> list[str]:
 
 
 def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret replaced by ``***``."""
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
 
 
 def _first_line(exc: BaseException) -> str:
+    """The exception's type and first line: enough to act on, short enough for one report line."""
     lines = [part.strip() for part in str(exc).splitlines() if part.strip()]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
@@ -78,6 +84,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_settings(environ: Mapping[str, str]) -> tuple[Check, Settings | None]:
+    """The settings resolve (a production deployment names its database)."""
     try:
         settings = Settings.from_env(environ)
     except SettingsError as e:
@@ -86,7 +93,8 @@ def check_settings(environ: Mapping[str, str]) -> tuple[Check, Settings | None]:
     return Check("settings", "OK", f"deployment {settings.deployment}, database {db}"), settings
 
 
-def check_snapshots_file(settings: Settings):
+def check_snapshots_file(settings: Settings) -> tuple[Check, "SnapshotsFile | None"]:
+    """The snapshot declarations load and validate."""
     from aistock_pipelines.snapshot_config import SnapshotConfigError, load_snapshots_file
 
     try:
@@ -102,6 +110,7 @@ def check_snapshots_file(settings: Settings):
 
 
 def check_database(settings: Settings) -> tuple[Check, Engine | None]:
+    """The AIstock database answers; returns an engine for the table checks."""
     try:
         url = resolve_db_url(settings)
     except Exception as e:  # noqa: BLE001 - the embedded server could not start: report, do not crash
@@ -127,7 +136,7 @@ KINDS = {
 }
 
 
-def expected_columns(resolved) -> dict[str, dict[str, str]]:
+def expected_columns(resolved: "ResolvedMapping") -> dict[str, dict[str, str]]:
     """table → column → kind, for every column the resolved mapping reads."""
     m = resolved.mapping
     key = {"ts_code": "code", "trade_date": "date"}
@@ -141,6 +150,7 @@ def expected_columns(resolved) -> dict[str, dict[str, str]]:
 
 
 def wrong_types(engine: Engine, expected: dict[str, dict[str, str]]) -> list[str]:
+    """Columns whose catalogue type is not of the expected kind, described."""
     problems = []
     with engine.connect() as conn:
         for table, columns in expected.items():
@@ -153,7 +163,8 @@ def wrong_types(engine: Engine, expected: dict[str, dict[str, str]]) -> list[str
     return problems
 
 
-def check_tables(engine: Engine | None, config) -> Check:
+def check_tables(engine: Engine | None, config: "SnapshotsFile | None") -> Check:
+    """Every table and column the mapping reads exists (the export's own check) with a usable type."""
     from aistock_pipelines.export.mapping import MappingError, resolve_mapping
 
     if engine is None or config is None:
@@ -228,6 +239,7 @@ def _probe_flock(path: Path) -> None:
 
 
 def check_snapshot_root(settings: Settings) -> Check:
+    """The snapshot root is writable and supports what the writer does (docs/scaling.md)."""
     root = settings.snapshot_root
     probe = root / f".doctor-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -271,6 +283,7 @@ def _env_refs(node: object) -> Iterator[str]:
 
 
 def check_dagster_home(environ: Mapping[str, str], settings: Settings | None) -> Check:
+    """DAGSTER_HOME is set and holds a dagster.yaml whose environment variables are all set."""
     home = environ.get("DAGSTER_HOME", "").strip()
     if not home:
         return Check("DAGSTER_HOME", "FAIL", "DAGSTER_HOME is not set: the daemon refuses to start and the "
@@ -367,6 +380,7 @@ def check_pools(settings: Settings | None, stored: set[str]) -> Check:
 
 
 def check_results_api(settings: Settings) -> Check:
+    """RD-Agent's results API answers its health check."""
     from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
 
     url = redact(settings.rdagent_results_url)
@@ -378,6 +392,7 @@ def check_results_api(settings: Settings) -> Check:
 
 
 def check_factor_packages(settings: Settings) -> list[Check]:
+    """Each allowed factor package imports, with its version."""
     from aistock_pipelines.rdagent.factor_impl import FactorPackages, installed_version
 
     packages = FactorPackages.parse(settings.factor_packages)
@@ -428,4 +443,5 @@ def report(checks: list[Check]) -> str:
 
 
 def exit_code(checks: list[Check]) -> int:
+    """1 when any check failed, else 0 (warnings do not fail)."""
     return 1 if any(c.status == "FAIL" for c in checks) else 0
