@@ -201,6 +201,18 @@ def cmd_settings(_: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(_: argparse.Namespace) -> int:
+    from aistock_pipelines.doctor import exit_code, report, run_checks
+
+    logging.getLogger().setLevel(logging.WARNING)  # the report is the output; libraries' INFO lines are noise
+    checks = run_checks()
+    print(report(checks))
+    return exit_code(checks)
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -253,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="print every environment setting and its value")
     settings.set_defaults(func=cmd_settings)
+
+    doctor = sub.add_parser("doctor", help="check this deployment (database, tables, snapshot root, Dagster, "
+                                           "results API, factor packages): one line per check, exit 1 on FAIL")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 
