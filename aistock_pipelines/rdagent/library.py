@@ -152,7 +152,7 @@ _LOOPS = Glance("newest_loops", (
     ("decision", "bool"), ("annualized_return", "float"), ("annualized_return_basis", "string"),
     ("max_drawdown", "float"), ("information_ratio", "float"), ("ic", "float"), ("ic_ir", "float"),
     ("rank_ic", "float"), ("factor_count", "int")), [])
-_STRATEGIES = Glance("strategies", (
+_STRATEGIES = Glance("top_strategies", (
     ("strategy_id", "string"), ("model_type", "string"), ("market", "string"), ("benchmark", "string"),
     ("feature_count", "int"), ("loop_count", "int"), ("positive_decisions", "int"),
     ("best_annualized_return", "float")), [])
@@ -160,8 +160,8 @@ _MODELS = Glance("newest_models", (
     ("model_id", "string"), ("model_type", "string"), ("task_run_id", "string"), ("loop_id", "int"),
     ("market", "string"), ("benchmark", "string"), ("train_start", "string"), ("test_end", "string"),
     ("feature_count", "int"), ("decision", "bool"), ("annualized_return", "float")), [])
-_ALPHA158 = Glance("alpha158_factors", (("name", "string"), ("expression", "string"), ("tags", "string")), [])
-_ARTIFACTS = Glance("loop_artifacts_by_loop", (
+_ALPHA158 = Glance("alpha158_sample", (("name", "string"), ("expression", "string"), ("tags", "string")), [])
+_ARTIFACTS = Glance("artifacts_by_loop", (
     ("task_run_id", "string"), ("loop_id", "int"), ("artifact", "string"), ("type", "string"),
     ("status", "string"), ("primary", "bool"), ("files", "string"), ("total_bytes", "int"),
     ("summary", "string")), [])

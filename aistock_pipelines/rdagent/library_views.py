@@ -79,7 +79,7 @@ CROSS JOIN LATERAL (
            max(l.annualized_return) AS best_annualized_return,
            jsonb_agg(jsonb_build_object('task_run_id', l.task_run_id, 'loop_id', l.loop_id,
                                         'workspace_id', l.workspace_id)
-                     ORDER BY l.task_run_id, l.loop_id, l.workspace_id) AS loops
+                     ORDER BY l.task_run_id COLLATE "C", l.loop_id, l.workspace_id COLLATE "C") AS loops
     FROM rdagent.loop_result AS l
     WHERE l.active AND l.strategy_id = s.strategy_id) AS lp
 WHERE s.active

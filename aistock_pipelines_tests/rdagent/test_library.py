@@ -18,6 +18,7 @@ from aistock_pipelines.rdagent.library import glance, record_factor_impl
 from aistock_pipelines.rdagent.library_views import VIEWS
 from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
 from aistock_pipelines.rdagent.sync import sync_all
+from aistock_pipelines_tests.rdagent.generated_results import Generated, generate_results_dir
 
 DEMO_PACKAGES = FactorPackages.parse(DEMO_FACTOR_PACKAGES)
 WS_0 = "c3e9a6d1f7b24c5e8a0d3f6b9c2e7a48"
@@ -25,6 +26,11 @@ WS_B = "b7d2f9a4c1e84b3d9f6a2c8e5b0d4f19"
 WS_4 = "f2b6d9e4c8a14f7b3e5d0c9a6f2b8e71"
 MODEL_STRATEGY, FACTOR_STRATEGY, BARE_STRATEGY = (
     "0c6165af647756ada46daa72372dca65", "b7e6f747e4515ae48b2f3c7f487eb009", "82afdc871dbf5b02b8daebfa297259f4")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Generated:
+    return generate_results_dir(tmp_path_factory.mktemp("generated"))
 
 
 def view_rows(engine: Engine, view: str, order: str) -> list[dict[str, Any]]:
@@ -242,3 +248,44 @@ def test_glances_read_the_views(demo_library: Engine) -> None:
     assert artifacts.numbers["artifacts"] == 7 and artifacts.numbers["loops_with_artifacts"] == 2
     assert glance(demo_library, "models").numbers == {"models": 4, "model_types": 1}
     assert glance(demo_library, "unknown") is None
+
+
+# ------------------------------------------------------------------------- generated results
+def _compare(rows: dict[Any, dict[str, Any]], expected: dict[Any, dict[str, Any]]) -> None:
+    assert set(rows) == set(expected)
+    mismatches = {key: ({c: rows[key][c] for c in want}, want) for key, want in expected.items()
+                  if {c: rows[key][c] for c in want} != want}
+    assert not mismatches, list(mismatches.items())[:3]
+
+
+def _state(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    """Every registry table, minus the columns a re-sync is meant to move."""
+    moving = {"last_seen_at", "checked_at", "last_checked_at", "last_synced_at", "last_published_at", "stats"}
+    tables = (*rs.REGISTRY_TABLES, rs.factor_impl_resolution, rs.factor_package_version, rs.sync_state)
+    with engine.connect() as conn:
+        return {t.name: [{k: v for k, v in r.items() if k not in moving}
+                         for r in conn.execute(select(t).order_by(*t.primary_key.columns)).mappings()]
+                for t in tables}
+
+
+def test_views_equal_the_generated_records(registry_engine: Engine, generated: Generated, start_server) -> None:
+    with RDAgentResultsClient(start_server(generated.path)) as client:
+        results = sync_all(registry_engine, client)
+        record_factor_impl(registry_engine, DEMO_PACKAGES)
+        assert {k: results[k].records for k in generated.records} == generated.records
+        library = view_rows(registry_engine, "factor_library", "name, source")
+        _compare({(r["name"], r["source"]): r for r in library if r["catalog"] == "factor_catalog"}, generated.factors)
+        _compare({r["name"]: r for r in library if r["catalog"] == "alpha158_meta"}, generated.alpha_only)
+        _compare({(r["task_run_id"], r["loop_id"], r["workspace_id"]): r
+                  for r in view_rows(registry_engine, "loop_leaderboard", "task_run_id")}, generated.loops)
+        _compare({r["strategy_id"]: r for r in view_rows(registry_engine, "strategy_library", "strategy_id")},
+                 generated.strategies)
+        _compare({r["model_id"]: r for r in view_rows(registry_engine, "model_library", "model_id")}, generated.models)
+
+        before = _state(registry_engine)
+        again = sync_all(registry_engine, client)
+        impl = record_factor_impl(registry_engine, DEMO_PACKAGES)
+    assert {k: (s.inserted, s.updated, s.deactivated) for k, s in again.items() if (s.inserted, s.updated,
+            s.deactivated) != (0, 0, 0)} == {}
+    assert (impl.changed, impl.removed, impl.new_version_rows) == (0, 0, ())
+    assert _state(registry_engine) == before
