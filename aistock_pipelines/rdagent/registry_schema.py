@@ -20,8 +20,10 @@ Every registry table has the same bookkeeping columns (see :func:`_tracking`):
 ``sync_state`` keeps one row per catalog (fingerprint, publication state, last counts) so a reader can
 tell when each catalog was last synced and whether it is currently published at all.
 
-Tables are created idempotently by :func:`ensure_registry_schema`; there is no migration tool yet, so a
-column added later needs an ``ALTER TABLE`` (``create_all`` never alters an existing table).
+Tables are created idempotently by :func:`ensure_registry_schema`; there is no migration tool: a nullable
+column added to a table here is added to an existing database by the same call (``_add_missing_columns``),
+anything else (a type change, a dropped column) needs an ``ALTER TABLE`` by hand. The same call creates the
+results library's views (:mod:`.library_views`) when their definition changed.
 """
 
 from __future__ import annotations

@@ -289,3 +289,14 @@ def test_views_equal_the_generated_records(registry_engine: Engine, generated: G
             s.deactivated) != (0, 0, 0)} == {}
     assert (impl.changed, impl.removed, impl.new_version_rows) == (0, 0, ())
     assert _state(registry_engine) == before
+
+
+def test_the_researchers_guide_examples_run(demo_library: Engine) -> None:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "researchers.md").read_text(encoding="utf-8")
+    section = guide[guide.index("## RD-Agent results library"):]
+    block = section[section.index("```sql") + len("```sql"):]
+    statements = [s.strip() for s in block[:block.index("```")].split(";") if s.strip()]
+    assert len(statements) == 4
+    with demo_library.connect() as conn:
+        counts = [len(conn.exec_driver_sql(statement).all()) for statement in statements]
+    assert counts == [0, 2, 2, 3]  # no demo factor reports an IC; two accepted loops; two strategies; 3 models × 1 artifact
