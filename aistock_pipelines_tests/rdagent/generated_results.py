@@ -288,6 +288,38 @@ def _write(path: Path, key: str, records: list[dict[str, Any]]) -> None:
     path.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")  # NaN written as the bare token
 
 
+def _aggregate_strategies(out: Generated, strategy_expected: dict[str, dict[str, Any]]) -> None:
+    """Each strategy's expected row with its loops' aggregates (count, accepted, best return, keys)."""
+    for sid, expected in strategy_expected.items():
+        used = sorted((k, v) for k, v in out.loops.items() if v["strategy_id"] == sid)
+        returns = [v["annualized_return"] for _, v in used if v["annualized_return"] is not None]
+        out.strategies[sid] = {**expected, "loop_count": len(used),
+                               "positive_decisions": sum(v["decision"] is True for _, v in used),
+                               "best_annualized_return": max(returns, default=None),
+                               "loops": [{"task_run_id": t, "loop_id": lo, "workspace_id": w} for (t, lo, w), _ in used]
+                               or None}
+
+
+def _write_alpha158(target: Path, out: Generated) -> int:
+    """60 Alpha158 factors, the first 15 also in the factor catalog (source qlib_alpha158); returns the count."""
+    alpha = []
+    for k in range(60):
+        name = f"gen_{4 * k + 2:04d}" if k < 15 else f"A158_{k:02d}"
+        record = {"name": name, "expression": f"Ref($close, {k})/$close"}
+        if k % 5:
+            record["source"] = "qlib_alpha158"
+        if k % 2:
+            record["tags"] = ["alpha158", "rolling"]
+        alpha.append(record)
+        if k >= 15:
+            out.alpha_only[name] = {"source": "qlib_alpha158", "expression": record["expression"],
+                                    "tags": record.get("tags")}
+    (target / "aistock" / "alpha158_meta.json").write_text(json.dumps(
+        {"version": "v1", "generated_at_utc": "2026-02-01T00:00:00+00:00", "source": "qlib_alpha158",
+         "factors": alpha}), encoding="utf-8")
+    return len(alpha)
+
+
 def generate_results_dir(target: Path, *, factors: int = 400, loops: int = 300, strategies: int = 40,
                          models: int = 150, seed: int = 20260214) -> Generated:
     """Write ``target/aistock/*.json`` and ``target/registry.sqlite``; return what the views must show."""
@@ -329,38 +361,15 @@ def generate_results_dir(target: Path, *, factors: int = 400, loops: int = 300, 
         out.models[record["model_id"]] = _model_expected(record, loop, strategy)
     _write(target / "aistock" / "model_catalog.json", "models", model_records)
 
-    for sid, expected in strategy_expected.items():
-        used = sorted((k, v) for k, v in out.loops.items() if v["strategy_id"] == sid)
-        returns = [v["annualized_return"] for _, v in used if v["annualized_return"] is not None]
-        out.strategies[sid] = {**expected, "loop_count": len(used),
-                               "positive_decisions": sum(v["decision"] is True for _, v in used),
-                               "best_annualized_return": max(returns, default=None),
-                               "loops": [{"task_run_id": t, "loop_id": lo, "workspace_id": w} for (t, lo, w), _ in used]
-                               or None}
-
-    alpha = []
-    for k in range(60):
-        name = f"gen_{4 * k + 2:04d}" if k < 15 else f"A158_{k:02d}"
-        record = {"name": name, "expression": f"Ref($close, {k})/$close"}
-        if k % 5:
-            record["source"] = "qlib_alpha158"
-        if k % 2:
-            record["tags"] = ["alpha158", "rolling"]
-        alpha.append(record)
-        if k >= 15:
-            out.alpha_only[name] = {"source": "qlib_alpha158", "expression": record["expression"],
-                                    "tags": record.get("tags")}
-    (target / "aistock" / "alpha158_meta.json").write_text(json.dumps(
-        {"version": "v1", "generated_at_utc": "2026-02-01T00:00:00+00:00", "source": "qlib_alpha158",
-         "factors": alpha}), encoding="utf-8")
-
+    _aggregate_strategies(out, strategy_expected)
+    out.records["alpha158"] = _write_alpha158(target, out)
     distinct = list({(t, lo): (t, lo, w) for t, lo, w in out.loops}.values())
     artifacts, files, counts = _artifacts(distinct)
     for key, expected in out.loops.items():
         expected["loop_artifacts"] = counts[key[:2]]
     write_registry(target / "registry.sqlite", artifacts, files)
-    out.records = {"factors": len(factor_records), "loops": len(loop_records), "models": len(model_records),
-                   "strategies": len(strategy_records), "alpha158": len(alpha), "loop_artifacts": len(artifacts)}
+    out.records.update(factors=len(factor_records), loops=len(loop_records), models=len(model_records),
+                       strategies=len(strategy_records), loop_artifacts=len(artifacts))
     return out
 
 
