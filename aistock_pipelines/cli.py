@@ -22,7 +22,8 @@ log = logging.getLogger("aistock_pipelines")
 
 #: ``aistock-pipelines rdagent sync`` kinds (as :data:`aistock_pipelines.rdagent.sync.SYNC_KINDS`, kept
 #: literal so ``--help`` does not import the sync stack).
-SYNC_KIND_CHOICES = ("factors", "strategies", "loops", "models", "alpha158", "loop_artifacts")
+SYNC_KIND_CHOICES = ("factors", "strategies", "loops", "models", "alpha158", "loop_artifacts", "task_runs",
+                     "run_loops", "workspaces")
 
 
 def _settings() -> Settings:
@@ -161,6 +162,8 @@ def cmd_rdagent_serve(args: argparse.Namespace) -> int:
 def cmd_rdagent_sync(args: argparse.Namespace) -> int:
     from aistock_pipelines.db import create_db_engine
     from aistock_pipelines.embedded_db import resolve_db_url
+    from aistock_pipelines.rdagent.factor_impl import FactorPackages
+    from aistock_pipelines.rdagent.library import record_factor_impl
     from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
     from aistock_pipelines.rdagent.sync import SyncAllError, sync_all
 
@@ -170,18 +173,24 @@ def cmd_rdagent_sync(args: argparse.Namespace) -> int:
         return 2
     settings = _settings()
     engine = create_db_engine(resolve_db_url(settings))
+    impl = None
     try:
-        with RDAgentResultsClient(settings.rdagent_results_url) as client:
-            results = sync_all(engine, client, args.kinds or None)
-    except SyncAllError as exc:
-        results = exc.results
-        for kind, error in exc.errors.items():
-            print(f"{kind}: FAILED: {error}", file=sys.stderr)
+        try:
+            with RDAgentResultsClient(settings.rdagent_results_url) as client:
+                results = sync_all(engine, client, args.kinds or None)
+        except SyncAllError as exc:
+            results = exc.results
+            for kind, error in exc.errors.items():
+                print(f"{kind}: FAILED: {error}", file=sys.stderr)
+        if "factors" in results:  # factor_library.impl_resolves and the package version row
+            impl = record_factor_impl(engine, FactorPackages.parse(settings.factor_packages))
     finally:
         engine.dispose()
     for kind, stats in results.items():
         print(f"{kind}: inserted {stats.inserted}, updated {stats.updated}, unchanged {stats.unchanged}, "
-              f"deactivated {stats.deactivated}")
+              f"deactivated {stats.deactivated}" + ("" if stats.published else " (not published / not offered)"))
+    if impl is not None:
+        print(f"factor pointers: {impl.resolving} of {impl.pointers} resolve; installed {impl.versions}")
     return 1 if len(results) < len(args.kinds or SYNC_KIND_CHOICES) else 0
 
 
