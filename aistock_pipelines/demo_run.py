@@ -141,10 +141,12 @@ def sync_demo_rdagent_results(settings: Settings) -> None:
     result = job.execute_in_process(instance=DagsterInstance.get(), raise_on_error=False)
     if not result.success:
         raise RuntimeError(f"{JOB_NAME} failed against {settings.rdagent_results_url}; see the run in the Dagster UI")
+    counts = ("inserted", "updated", "unchanged", "deactivated")
     for event in result.get_asset_materialization_events():
         meta = event.materialization.metadata
-        log.info("%s: inserted %s, updated %s, unchanged %s, deactivated %s", event.asset_key.to_user_string(),
-                 *(meta[k].value for k in ("inserted", "updated", "unchanged", "deactivated")))
+        if all(k in meta for k in counts):  # the registry listings carry other figures ("not offered", …)
+            log.info("%s: inserted %s, updated %s, unchanged %s, deactivated %s", event.asset_key.to_user_string(),
+                     *(meta[k].value for k in counts))
 
 
 def materialize_demo_snapshots(settings: Settings) -> None:
