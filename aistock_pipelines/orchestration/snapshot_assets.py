@@ -124,7 +124,7 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinitio
         window = context.partition_time_window
         range_start = window.start.date()
         range_end = (window.end - timedelta(days=1)).date()
-        exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files())
+        exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files(decl.universes))
         try:
             result = run_snapshot_export(exporter, decl, range_start, range_end)
         except (DataGateError, MappingError, SnapshotError) as e:
