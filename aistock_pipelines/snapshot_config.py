@@ -75,8 +75,21 @@ class _SnapshotIdentity(_Strict):
     universe: Literal["all"] | list[str] = "all"
 
 
+class ReleaseDecl(_Strict):
+    """A snapshot's release policy: a scheduled release after the close of the last trading day of each
+    period, and retention (the newest ``keep_last`` releases and those marked keep stay)."""
+
+    schedule: Literal["daily", "weekly", "monthly"] | None = Field(
+        None, description="release after the close of the period's last trading day; null = on demand only")
+    keep_last: int | None = Field(None, ge=1, description="retention after each release; null = keep all")
+
+
 class SnapshotDecl(SnapshotLayout, _SnapshotIdentity):
-    """One declared snapshot: identity and range first, then the layout (field order is the stored JSON's)."""
+    """One declared snapshot: identity and range first, then the layout (field order is the stored JSON's).
+    ``release`` is left out of the dumped declaration (and so of the asset's code version): a release policy
+    changes no data."""
+
+    release: ReleaseDecl | None = Field(None, exclude=True)
 
     @field_validator("end")
     @classmethod

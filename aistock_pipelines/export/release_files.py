@@ -1,0 +1,245 @@
+"""The files of a release: a version's folder tree hard-linked (copied where a link is impossible) and
+hashed, and the manifest — sha256 and size of every file — recomputed and compared.
+
+A hard link is safe because the snapshot writer never writes into a file another name holds: it extends
+only bins with one link (:func:`qlib_bins._extend`) and writes everything else as new files. A release's
+links raise every linked inode's link count, so its bytes stay as they were.
+
+Work is per folder (an instrument's bins) in a few threads: linking, reading and hashing are system calls
+and ``hashlib`` work on buffers, all without the GIL; large files are hashed in chunks as tasks of their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+#: Files at least this large are hashed in chunks by a thread of their own; smaller ones from one read.
+_LARGE = 1 << 20
+#: A hard link impossible here (another file system, no links, too many links): the file is copied.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a manifest."""
+
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict:
+        return {"sha256": self.sha256, "size": self.size}
+
+
+@dataclass
+class LinkedTree:
+    """What :func:`link_tree` made: every file (relative path → entry; empty sha256 when not hashed), the
+    files copied instead of linked, and the bytes the new folders and copies take on disk."""
+
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    copied: list[str] = field(default_factory=list)
+    bytes_added: int = 0
+
+
+def tree_files(folder: Path, exclude: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """Regular files under ``folder`` by relative folder ('' for the top), ``exclude`` (relative paths) left
+    out. Anything but folders and regular files (a symlink, a socket) is refused: a version holds none."""
+    found: dict[str, list[str]] = {}
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        names = found.setdefault(rel_dir, [])
+        with os.scandir(folder / rel_dir) as entries:
+            for e in entries:
+                rel = os.path.join(rel_dir, e.name)
+                if e.is_dir(follow_symlinks=False):
+                    pending.append(rel)
+                elif not e.is_file(follow_symlinks=False):
+                    raise OSError(f"{e.path} is not a regular file; a snapshot version holds only folders and files")
+                elif rel not in exclude:
+                    names.append(e.name)
+        names.sort()
+    return found
+
+
+def link_tree(source: Path, target: Path, *, exclude: frozenset[str] = frozenset(), hash_files: bool = True,
+              known: dict[str, tuple[int, FileEntry]] | None = None, workers: int = 3) -> LinkedTree:
+    """Make ``target`` (new, or an empty folder) a tree of hard links to every file of ``source`` but
+    ``exclude``, and hash each file through its new name. ``known``: relative path → (inode, entry) of
+    files already hashed (an earlier release of the same version); a file linked to that very inode takes
+    the entry unread."""
+    listing = tree_files(source, exclude)
+    out = LinkedTree()
+    for rel_dir in sorted(listing, key=lambda d: (d.count(os.sep), d)):  # parents before children
+        made = target / rel_dir if rel_dir else target
+        made.mkdir(parents=not rel_dir, exist_ok=not rel_dir)  # the top may exist, empty
+        out.bytes_added += os.stat(made).st_blocks * 512
+    for rel, entry, copied, blocks in _per_folder(listing, str(source), str(target), hash_files, known, workers):
+        out.files[rel] = entry
+        if copied:
+            out.copied.append(rel)
+            out.bytes_added += blocks
+    out.files = dict(sorted(out.files.items()))
+    return out
+
+
+def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), workers: int = 3) -> dict[str, FileEntry]:
+    """sha256 and size of every file under ``folder`` but ``exclude``, recomputed from the bytes."""
+    listing = tree_files(folder, exclude)
+    return dict(sorted((rel, entry) for rel, entry, _, _ in _per_folder(listing, None, str(folder), True, None, workers)))
+
+
+def _per_folder(listing: dict[str, list[str]], source: str | None, target: str, hash_files: bool,
+                known: dict[str, tuple[int, FileEntry]] | None, workers: int):
+    """(relative path, entry, copied, blocks) of every listed file, one task per folder (:func:`_folder`)."""
+    with _Hasher(hash_files, known or {}) as hasher, ThreadPoolExecutor(workers, thread_name_prefix="release") as pool:
+        jobs = [pool.submit(_folder, source, target, rel_dir, names, hasher)
+                for rel_dir, names in listing.items() if names]
+        for job in jobs:
+            for rel, entry, copied, blocks in job.result():
+                yield rel, hasher.resolve(entry), copied, blocks
+
+
+class _Hasher:
+    """Hashes files for :func:`_folder`: small ones at once, in its thread, from one read; large ones in a
+    thread of their own, once per inode (``rdagent/daily_pv.h5`` is the top-level file's second name)."""
+
+    def __init__(self, enabled: bool, known: dict[str, tuple[int, FileEntry]]):
+        self.enabled, self.known = enabled, known
+        self.large = ThreadPoolExecutor(1, thread_name_prefix="release-large")
+        self.by_inode: dict[int, Future] = {}
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> "_Hasher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.large.shutdown(wait=True, cancel_futures=exc[0] is not None)
+
+    def entry(self, rel: str, fd: int, path: str) -> FileEntry | Future:
+        """The entry of the file open as ``fd`` (named ``rel``, at ``path``), or a Future of it."""
+        prior = self.known.get(rel)
+        if prior is not None:
+            st = os.fstat(fd)
+            if prior[0] == st.st_ino and prior[1].size == st.st_size:
+                return prior[1]  # the very inode an earlier release hashed
+        data = _read_up_to(fd, _LARGE)
+        if len(data) < _LARGE:  # the whole file
+            return FileEntry(hashlib.sha256(data).hexdigest(), len(data))
+        st = os.fstat(fd)
+        with self.lock:
+            if st.st_ino not in self.by_inode:
+                self.by_inode[st.st_ino] = self.large.submit(lambda: FileEntry(sha256_path(path), st.st_size))
+            return self.by_inode[st.st_ino]
+
+    @staticmethod
+    def resolve(entry: FileEntry | Future) -> FileEntry:
+        return entry.result() if isinstance(entry, Future) else entry
+
+
+def _folder(source: str | None, target: str, rel_dir: str, names: list[str],
+            hasher: _Hasher) -> list[tuple[str, FileEntry | Future, bool, int]]:
+    """Link (or copy) ``names`` of one folder of ``source`` into ``target`` (no source: only hash) and hash
+    them through their names in ``target``. Per file: link, open, read, close — the system calls are the
+    cost at tens of thousands of bins."""
+    src = os.open(os.path.join(source, rel_dir), os.O_RDONLY | os.O_DIRECTORY) if source is not None else None
+    dst = os.open(os.path.join(target, rel_dir), os.O_RDONLY | os.O_DIRECTORY)
+    prefix = rel_dir + os.sep if rel_dir else ""
+    out = []
+    try:
+        for name in names:
+            rel = prefix + name
+            copied = src is not None and _link_or_copy(src, dst, name, source, target, rel)
+            blocks = os.stat(name, dir_fd=dst).st_blocks * 512 if copied else 0
+            if not hasher.enabled:
+                out.append((rel, FileEntry("", 0), copied, blocks))
+                continue
+            fd = os.open(name, os.O_RDONLY, dir_fd=dst)
+            try:
+                out.append((rel, hasher.entry(rel, fd, os.path.join(target, rel)), copied, blocks))
+            finally:
+                os.close(fd)
+    finally:
+        if src is not None:
+            os.close(src)
+        os.close(dst)
+    return out
+
+
+def _link_or_copy(src_dir: int, dst_dir: int, name: str, source: str, target: str, rel: str) -> bool:
+    """Hard-link ``name``; copy it where this file system cannot link it. True when copied."""
+    try:
+        os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+        return False
+    except OSError as e:
+        if e.errno not in _NO_LINK:
+            raise
+    shutil.copyfile(os.path.join(source, rel), os.path.join(target, rel))
+    return True
+
+
+def _read_up_to(fd: int, count: int) -> bytes:
+    """Up to ``count`` bytes from ``fd``'s start: fewer only at the end of the file (checked with a read
+    that returns nothing, not assumed)."""
+    data = os.read(fd, count)
+    while len(data) < count:
+        more = os.read(fd, count - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def sha256_path(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_text(files: dict[str, FileEntry]) -> str:
+    """A manifest as text: one ``<sha256> <size> <path>`` line per file, sorted by path."""
+    return "".join(f"{e.sha256} {e.size} {rel}\n" for rel, e in sorted(files.items()))
+
+
+def parse_manifest(text: str) -> dict[str, FileEntry]:
+    files = {}
+    for line in text.splitlines():
+        digest, size, rel = line.split(" ", 2)
+        files[rel] = FileEntry(digest, int(size))
+    return files
+
+
+def compare_manifests(expected: dict[str, FileEntry], actual: dict[str, FileEntry]) -> list[str]:
+    """Every difference between a recorded manifest and a recomputed one, one line each."""
+    problems = [f"missing: {rel}" for rel in sorted(set(expected) - set(actual))]
+    problems += [f"not in the manifest: {rel}" for rel in sorted(set(actual) - set(expected))]
+    for rel in sorted(set(expected) & set(actual)):
+        want, got = expected[rel], actual[rel]
+        if want.size != got.size:
+            problems.append(f"size differs: {rel} ({got.size} bytes, {want.size} recorded)")
+        elif want.sha256 != got.sha256:
+            problems.append(f"sha256 differs: {rel} ({got.sha256[:12]}…, {want.sha256[:12]}… recorded)")
+    return problems
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The code that made a release: the package version and, in a git checkout, its commit."""
+    from aistock_pipelines import __version__
+
+    commit = None
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5)
+        commit = done.stdout.strip() if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": __version__, "git_commit": commit, "python": sys.version.split()[0]}
