@@ -93,7 +93,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"snapshot {args.snapshot_id} has no versions or releases under {settings.snapshot_root}")
     header = ["kind", "name", "range", "rows", "instruments", "restated", "sha256", "made", "mode", "keep"]
     table = [header] + [[e.kind, e.name, f"{e.start}..{e.end}", f"{e.rows:,}", str(e.instruments),
-                         str(len(e.restated)), e.sha256[:12], e.made, e.mode, "keep" if e.keep else ""]
+                         str(len(e.restated)), e.sha256[:12], e.made[:19].replace("T", " "), e.mode, "keep" if e.keep else ""]
                         for e in entries]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:

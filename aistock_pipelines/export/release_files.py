@@ -24,7 +24,9 @@ from functools import lru_cache
 from pathlib import Path
 
 #: Files at least this large are hashed in chunks by a thread of their own; smaller ones from one read.
-_LARGE = 1 << 20
+LARGE = 1 << 20
+#: The first read of a file: a bin's whole content (one value per trading day, 4 bytes each).
+_FIRST_READ = 1 << 16
 #: A hard link impossible here (another file system, no links, too many links): the file is copied.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 
@@ -75,15 +77,21 @@ def link_tree(source: Path, target: Path, *, exclude: frozenset[str] = frozenset
               known: dict[str, tuple[int, FileEntry]] | None = None, workers: int = 3) -> LinkedTree:
     """Make ``target`` (new, or an empty folder) a tree of hard links to every file of ``source`` but
     ``exclude``, and hash each file through its new name. ``known``: relative path → (inode, entry) of
-    files already hashed (an earlier release of the same version); a file linked to that very inode takes
-    the entry unread."""
+    large files already hashed (an earlier release of the same version); a file linked to that very inode
+    takes the entry unread."""
     listing = tree_files(source, exclude)
     out = LinkedTree()
-    for rel_dir in sorted(listing, key=lambda d: (d.count(os.sep), d)):  # parents before children
+    parents = {os.path.dirname(d) for d in listing if d} | {""}
+    for rel_dir in sorted(parents, key=lambda d: (d.count(os.sep), d)):  # parents before children
         made = target / rel_dir if rel_dir else target
         made.mkdir(parents=not rel_dir, exist_ok=not rel_dir)  # the top may exist, empty
         out.bytes_added += os.stat(made).st_blocks * 512
-    for rel, entry, copied, blocks in _per_folder(listing, str(source), str(target), hash_files, known, workers):
+    leaves = frozenset(listing) - parents  # made by their own task (thousands of instrument folders)
+    for rel, entry, copied, blocks in _per_folder(listing, str(source), str(target), hash_files, known, workers,
+                                                  leaves):
+        if rel is None:  # a folder the task made
+            out.bytes_added += blocks
+            continue
         out.files[rel] = entry
         if copied:
             out.copied.append(rel)
@@ -99,14 +107,15 @@ def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), workers: in
 
 
 def _per_folder(listing: dict[str, list[str]], source: str | None, target: str, hash_files: bool,
-                known: dict[str, tuple[int, FileEntry]] | None, workers: int):
-    """(relative path, entry, copied, blocks) of every listed file, one task per folder (:func:`_folder`)."""
+                known: dict[str, tuple[int, FileEntry]] | None, workers: int, make: frozenset[str] = frozenset()):
+    """(relative path, entry, copied, blocks) of every listed file, one task per folder (:func:`_folder`),
+    which first makes its folder when it is in ``make`` (then also (None, None, False, its blocks))."""
     with _Hasher(hash_files, known or {}) as hasher, ThreadPoolExecutor(workers, thread_name_prefix="release") as pool:
-        jobs = [pool.submit(_folder, source, target, rel_dir, names, hasher)
-                for rel_dir, names in listing.items() if names]
+        jobs = [pool.submit(_folder, source, target, rel_dir, names, hasher, rel_dir in make)
+                for rel_dir, names in listing.items() if names or rel_dir in make]
         for job in jobs:
             for rel, entry, copied, blocks in job.result():
-                yield rel, hasher.resolve(entry), copied, blocks
+                yield rel, (None if rel is None else hasher.resolve(entry)), copied, blocks
 
 
 class _Hasher:
@@ -126,16 +135,15 @@ class _Hasher:
         self.large.shutdown(wait=True, cancel_futures=exc[0] is not None)
 
     def entry(self, rel: str, fd: int, path: str) -> FileEntry | Future:
-        """The entry of the file open as ``fd`` (named ``rel``, at ``path``), or a Future of it."""
-        prior = self.known.get(rel)
-        if prior is not None:
-            st = os.fstat(fd)
-            if prior[0] == st.st_ino and prior[1].size == st.st_size:
-                return prior[1]  # the very inode an earlier release hashed
-        data = _read_up_to(fd, _LARGE)
-        if len(data) < _LARGE:  # the whole file
+        """The entry of the file open as ``fd`` (named ``rel``, at ``path``), or a Future of it. A large file
+        still linked to the inode an earlier release hashed (``known``) is not read again."""
+        data = _read_small(fd)
+        if data is not None:
             return FileEntry(hashlib.sha256(data).hexdigest(), len(data))
         st = os.fstat(fd)
+        prior = self.known.get(rel)
+        if prior is not None and prior[0] == st.st_ino and prior[1].size == st.st_size:
+            return prior[1]
         with self.lock:
             if st.st_ino not in self.by_inode:
                 self.by_inode[st.st_ino] = self.large.submit(lambda: FileEntry(sha256_path(path), st.st_size))
@@ -146,15 +154,18 @@ class _Hasher:
         return entry.result() if isinstance(entry, Future) else entry
 
 
-def _folder(source: str | None, target: str, rel_dir: str, names: list[str],
-            hasher: _Hasher) -> list[tuple[str, FileEntry | Future, bool, int]]:
+def _folder(source: str | None, target: str, rel_dir: str, names: list[str], hasher: _Hasher,
+            make: bool) -> list[tuple[str | None, FileEntry | Future | None, bool, int]]:
     """Link (or copy) ``names`` of one folder of ``source`` into ``target`` (no source: only hash) and hash
-    them through their names in ``target``. Per file: link, open, read, close — the system calls are the
-    cost at tens of thousands of bins."""
+    them through their names in ``target``; ``make``: make the folder first. Per file: link, open, read,
+    close — the system calls are the cost at tens of thousands of bins."""
+    out: list = []
+    if make:
+        os.mkdir(os.path.join(target, rel_dir))
+        out.append((None, None, False, os.stat(os.path.join(target, rel_dir)).st_blocks * 512))
     src = os.open(os.path.join(source, rel_dir), os.O_RDONLY | os.O_DIRECTORY) if source is not None else None
     dst = os.open(os.path.join(target, rel_dir), os.O_RDONLY | os.O_DIRECTORY)
     prefix = rel_dir + os.sep if rel_dir else ""
-    out = []
     try:
         for name in names:
             rel = prefix + name
@@ -187,16 +198,17 @@ def _link_or_copy(src_dir: int, dst_dir: int, name: str, source: str, target: st
     return True
 
 
-def _read_up_to(fd: int, count: int) -> bytes:
-    """Up to ``count`` bytes from ``fd``'s start: fewer only at the end of the file (checked with a read
-    that returns nothing, not assumed)."""
-    data = os.read(fd, count)
-    while len(data) < count:
-        more = os.read(fd, count - len(data))
+def _read_small(fd: int) -> bytes | None:
+    """The whole file open as ``fd`` if it is smaller than :data:`LARGE`, else None. Reads stop at an
+    empty read (the end of the file: checked, not assumed)."""
+    data = os.read(fd, _FIRST_READ)
+    while True:
+        more = os.read(fd, _FIRST_READ)
         if not more:
-            break
+            return data
         data += more
-    return data
+        if len(data) >= LARGE:
+            return None
 
 
 def sha256_path(path: str | Path) -> str:

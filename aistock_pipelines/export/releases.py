@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
-from aistock_pipelines.export.release_files import (FileEntry, LinkedTree, code_version, compare_manifests,
+from aistock_pipelines.export.release_files import (LARGE, FileEntry, LinkedTree, code_version, compare_manifests,
                                                     link_tree, manifest_of, manifest_text, parse_manifest)
 from aistock_pipelines.export.snapshot_shape import SnapshotError, check_snapshot_id
 from aistock_pipelines.export.versions import SnapshotLocked, SnapshotVersions, remove_tree
@@ -227,14 +227,16 @@ class ReleaseStore:
         return self.get(snapshot_id, name)
 
     def _known(self, snapshot_id: str, version: Path) -> dict[str, tuple[int, FileEntry]]:
-        """The files (inode, entry) of the newest release of this version: a file still linked to the same
-        inode needs no second hashing."""
+        """The large files (inode, entry) of the newest release of this version: one still linked to the
+        same inode needs no second hashing (small ones cost a read either way)."""
         same = [r for r in self.list(snapshot_id) if r.doc.get("version") == version.name]
         if not same:
             return {}
         release, known = same[-1], {}
         base = str(release.path)
         for rel, entry in release.manifest().items():
+            if entry.size < LARGE:
+                continue
             try:
                 known[rel] = (os.stat(os.path.join(base, rel)).st_ino, entry)
             except OSError:
