@@ -6,7 +6,8 @@ only bins with one link (:func:`qlib_bins._extend`) and writes everything else a
 links raise every linked inode's link count, so its bytes stay as they were.
 
 Work is per folder (an instrument's bins) in a few threads: linking, reading and hashing are system calls
-and ``hashlib`` work on buffers, all without the GIL; large files are hashed in chunks as tasks of their own.
+and ``hashlib`` work on buffers, all without the GIL; large files are hashed in chunks by a thread of their
+own, once per inode.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 #: Files at least this large are hashed in chunks by a thread of their own; smaller ones from one read.
 LARGE = 1 << 20
@@ -57,17 +59,18 @@ def tree_files(folder: Path, exclude: frozenset[str] = frozenset()) -> dict[str,
     out. Anything but folders and regular files (a symlink, a socket) is refused: a version holds none."""
     found: dict[str, list[str]] = {}
     pending = [""]
+    base = str(folder) + os.sep
     while pending:
         rel_dir = pending.pop()
         names = found.setdefault(rel_dir, [])
-        with os.scandir(folder / rel_dir) as entries:
+        prefix = rel_dir + os.sep if rel_dir else ""
+        with os.scandir(base + rel_dir) as entries:
             for e in entries:
-                rel = os.path.join(rel_dir, e.name)
                 if e.is_dir(follow_symlinks=False):
-                    pending.append(rel)
+                    pending.append(prefix + e.name)
                 elif not e.is_file(follow_symlinks=False):
                     raise OSError(f"{e.path} is not a regular file; a snapshot version holds only folders and files")
-                elif rel not in exclude:
+                elif not exclude or prefix + e.name not in exclude:
                     names.append(e.name)
         names.sort()
     return found
@@ -107,15 +110,27 @@ def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), workers: in
 
 
 def _per_folder(listing: dict[str, list[str]], source: str | None, target: str, hash_files: bool,
-                known: dict[str, tuple[int, FileEntry]] | None, workers: int, make: frozenset[str] = frozenset()):
-    """(relative path, entry, copied, blocks) of every listed file, one task per folder (:func:`_folder`),
-    which first makes its folder when it is in ``make`` (then also (None, None, False, its blocks))."""
+                known: dict[str, tuple[int, FileEntry]] | None, workers: int,
+                make: frozenset[str] = frozenset()) -> Iterator[tuple[str | None, FileEntry | None, bool, int]]:
+    """(relative path, entry, copied, blocks) of every listed file, by :func:`_folder` — which first makes
+    its folder when it is in ``make`` (then also (None, None, False, its blocks)) — in a few large tasks:
+    one per folder would hand the GIL between a worker and the collecting thread thousands of times."""
+    folders = [(d, names) for d, names in listing.items() if names or d in make]
+    tasks = max(1, min(len(folders), workers * 4))
     with _Hasher(hash_files, known or {}) as hasher, ThreadPoolExecutor(workers, thread_name_prefix="release") as pool:
-        jobs = [pool.submit(_folder, source, target, rel_dir, names, hasher, rel_dir in make)
-                for rel_dir, names in listing.items() if names or rel_dir in make]
+        jobs = [pool.submit(_folders, source, target, folders[i::tasks], hasher, make) for i in range(tasks)]
         for job in jobs:
             for rel, entry, copied, blocks in job.result():
                 yield rel, (None if rel is None else hasher.resolve(entry)), copied, blocks
+
+
+def _folders(source: str | None, target: str, folders: list[tuple[str, list[str]]], hasher: "_Hasher",
+             make: frozenset[str]) -> list[tuple[str | None, FileEntry | Future | None, bool, int]]:
+    """:func:`_folder` for each of ``folders``, in order."""
+    out: list = []
+    for rel_dir, names in folders:
+        out += _folder(source, target, rel_dir, names, hasher, rel_dir in make)
+    return out
 
 
 class _Hasher:
@@ -134,8 +149,8 @@ class _Hasher:
     def __exit__(self, *exc) -> None:
         self.large.shutdown(wait=True, cancel_futures=exc[0] is not None)
 
-    def entry(self, rel: str, fd: int, path: str) -> FileEntry | Future:
-        """The entry of the file open as ``fd`` (named ``rel``, at ``path``), or a Future of it. A large file
+    def entry(self, rel: str, fd: int, target: str) -> FileEntry | Future:
+        """The entry of the file open as ``fd`` (``rel`` under ``target``), or a Future of it. A large file
         still linked to the inode an earlier release hashed (``known``) is not read again."""
         data = _read_small(fd)
         if data is not None:
@@ -146,6 +161,7 @@ class _Hasher:
             return prior[1]
         with self.lock:
             if st.st_ino not in self.by_inode:
+                path = os.path.join(target, rel)
                 self.by_inode[st.st_ino] = self.large.submit(lambda: FileEntry(sha256_path(path), st.st_size))
             return self.by_inode[st.st_ino]
 
@@ -176,7 +192,7 @@ def _folder(source: str | None, target: str, rel_dir: str, names: list[str], has
                 continue
             fd = os.open(name, os.O_RDONLY, dir_fd=dst)
             try:
-                out.append((rel, hasher.entry(rel, fd, os.path.join(target, rel)), copied, blocks))
+                out.append((rel, hasher.entry(rel, fd, target), copied, blocks))
             finally:
                 os.close(fd)
     finally:

@@ -5,7 +5,8 @@ price change of each, columns added or removed. A researcher sees at a glance wh
 Both ``daily_pv.h5`` blocks are mapped, not read (:func:`stored_snapshot.read_h5_block`). Rows are matched
 on (datetime, instrument); when the older version's rows are the newer one's first rows — an incremental
 export that appended days and patched restated rows in place — they are compared slice by slice without a
-join. A value counts as changed unless both are equal or both NaN.
+join. A value counts as changed when its bytes differ (between blocks of different float types: when the
+numbers differ, NaN equal to NaN).
 """
 
 from __future__ import annotations
@@ -152,30 +153,49 @@ def _keys(index: pd.MultiIndex, days: np.ndarray, names: np.ndarray) -> np.ndarr
 
 
 def _used_names(index: pd.MultiIndex) -> set[str]:
-    return {str(n) for n in np.asarray(index.levels[1], dtype=object)[np.unique(index.codes[1])]}
+    """The instruments with rows (a level may hold names no row uses)."""
+    levels = np.asarray(index.levels[1], dtype=object)
+    used = np.bincount(index.codes[1], minlength=len(levels)) > 0
+    return {str(n) for n in levels[used]}
 
 
 def _compare(a: StoredBlock, b: StoredBlock, common: list[str], rows_a: np.ndarray | None,
              rows_b: np.ndarray | None, n_common: int) -> tuple[np.ndarray, np.ndarray]:
     """The common rows (as positions in ``rows_a``, or in ``a`` when aligned) with a changed value, and per
     such row the largest relative price change (0 where no price changed)."""
-    ja = [a.columns.index(c) for c in common]
-    jb = [b.columns.index(c) for c in common]
+    ja = _columns(a, common)
+    jb = _columns(b, common)
     prices = [i for i, c in enumerate(common) if c.lstrip("$") in PRICE_FIELDS]
     changed, change = [], []
     for s in range(0, n_common, _CHUNK):
         e = min(s + _CHUNK, n_common)
         va = a.values[s:e] if rows_a is None else a.values[rows_a[s:e]]
         vb = b.values[s:e] if rows_b is None else b.values[rows_b[s:e]]
-        va, vb = va[:, ja], vb[:, jb]
-        differs = ((va != vb) & ~(np.isnan(va) & np.isnan(vb))).any(axis=1)
-        rows = np.flatnonzero(differs)
+        va = va if ja is None else va[:, ja]
+        vb = vb if jb is None else vb[:, jb]
+        rows = np.flatnonzero(_differs(va, vb))
         if rows.size:
             changed.append(rows + s)
             change.append(_price_change(va[rows][:, prices], vb[rows][:, prices]))
     if not changed:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
     return np.concatenate(changed), np.concatenate(change)
+
+
+def _columns(block: StoredBlock, common: list[str]) -> list[int] | None:
+    """Where the common columns are in ``block`` (None: all of them, in order — no copy needed)."""
+    where = [block.columns.index(c) for c in common]
+    return None if where == list(range(len(block.columns))) else where
+
+
+def _differs(va: np.ndarray, vb: np.ndarray) -> np.ndarray:
+    """Per row, whether any value's bytes differ (one pass over integer views); values of different float
+    types are compared as numbers (NaN equal to NaN)."""
+    if va.dtype == vb.dtype:
+        bits = np.dtype(f"u{va.dtype.itemsize}")
+        return (np.ascontiguousarray(va).view(bits) != np.ascontiguousarray(vb).view(bits)).any(axis=1)
+    va, vb = va.astype(np.float64), vb.astype(np.float64)
+    return ((va != vb) & ~(np.isnan(va) & np.isnan(vb))).any(axis=1)
 
 
 def _price_change(old: np.ndarray, new: np.ndarray) -> np.ndarray:

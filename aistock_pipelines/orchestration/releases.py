@@ -149,7 +149,10 @@ def release_schedule(decl: SnapshotDecl, target: JobDefinition, calendar_table: 
               description=f"A {kind} release of snapshots/{decl.id} after the close of the period's last trading day.")
     def _release(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
         today = context.scheduled_execution_time.astimezone(ZoneInfo(EXCHANGE_TIMEZONE)).date()
-        if not is_trading_day(aistock_db, today, calendar_table):
+        trading = is_trading_day(aistock_db, today, calendar_table)
+        if trading is None:
+            return SkipReason(f"{today} is not in {calendar_table}: extend the trade calendar")
+        if not trading:
             return SkipReason(f"{today} is not a trading day ({calendar_table})")
         following = next_trading_day(aistock_db, today, calendar_table)
         if following is None:

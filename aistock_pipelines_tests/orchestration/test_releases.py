@@ -2,7 +2,7 @@
 against the real trade calendar, and the diff metadata of an export."""
 
 import json
-from datetime import datetime
+from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -10,7 +10,8 @@ from dagster import DagsterEventType, DagsterInstance, Failure, SkipReason, buil
 
 from aistock_pipelines.demo.market import advance_market
 from aistock_pipelines.export.releases import ReleaseStore
-from aistock_pipelines.orchestration.releases import _check_reached, release_job, release_schedules, rollback_job
+from aistock_pipelines.orchestration.releases import (_check_reached, ends_period, release_job, release_schedules,
+                                                     rollback_job)
 from aistock_pipelines.orchestration.snapshot_assets import build_exporter, snapshot_assets
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE
@@ -80,6 +81,14 @@ def test_monthly_release_schedule(market_ro, when, expect):
         assert isinstance(out, SkipReason) and "not the last trading day of its month (next: 2024-04-30)" in out.skip_message
     else:
         assert isinstance(out, SkipReason) and "not a trading day" in out.skip_message
+
+
+def test_periods_end_on_their_last_trading_day():
+    friday, monday, tuesday = date(2024, 5, 31), date(2024, 6, 3), date(2024, 6, 4)
+    assert ends_period("monthly", friday, monday) and not ends_period("monthly", monday, tuesday)
+    assert ends_period("weekly", friday, monday) and not ends_period("weekly", monday, tuesday)
+    assert ends_period("weekly", date(2024, 12, 31), date(2025, 1, 2)) is False, "ISO week 1 of 2025 holds both"
+    assert ends_period("daily", monday, tuesday)
 
 
 def test_an_export_carries_the_diff_of_what_it_changed(market_db, tmp_path):
