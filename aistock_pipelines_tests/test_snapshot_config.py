@@ -56,3 +56,16 @@ def test_mapping_defaults_are_the_export_mappings():
     mapping = ExportMapping()
     assert (defaults.bars_table, defaults.raw_table, defaults.calendar_table) == (
         mapping.bars_table, mapping.raw_table, mapping.calendar_table)
+
+
+def test_a_release_policy_is_validated_and_changes_no_code_version(tmp_path):
+    decl = load_snapshots_file(DEMO_SNAPSHOTS_FILE).get("demo_allA")
+    assert decl.release.schedule == "monthly" and decl.release.keep_last == 12
+    assert "release" not in decl.model_dump_json(), "a release policy changes no data: no stale snapshot"
+    bad = tmp_path / "snapshots.yaml"
+    bad.write_text("snapshots:\n  - id: x\n    start: 2021-01-04\n    release: {schedule: yearly}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot 'x', key release.schedule"):
+        load_snapshots_file(bad)
+    bad.write_text("snapshots:\n  - id: x\n    start: 2021-01-04\n    release: {keep_last: 0}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot 'x', key release.keep_last"):
+        load_snapshots_file(bad)
