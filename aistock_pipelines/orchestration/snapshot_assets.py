@@ -31,6 +31,7 @@ from dagster import (
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.export.exporter import DataGateError, ExportResult, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
+from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError
@@ -53,9 +54,11 @@ def partitions_for(decl: SnapshotDecl) -> DailyPartitionsDefinition:
                                      end_date=(decl.end + timedelta(days=1)).isoformat())
 
 
-def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping) -> QlibDailyExporter:
+def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping,
+                   market_files: MarketFilesDecl = MarketFilesDecl()) -> QlibDailyExporter:
     engine = db.engine()
-    return QlibDailyExporter(DBReader(engine, mapping, db.resolved_url()), SnapshotWriter(store.path), MetaRepo(engine))
+    return QlibDailyExporter(DBReader(engine, mapping, db.resolved_url()), SnapshotWriter(store.path), MetaRepo(engine),
+                             market_files)
 
 
 def run_snapshot_export(exporter: QlibDailyExporter, decl: SnapshotDecl, range_start: date, range_end: date) -> ExportResult | None:
@@ -123,7 +126,7 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinitio
         window = context.partition_time_window
         range_start = window.start.date()
         range_end = (window.end - timedelta(days=1)).date()
-        exporter = build_exporter(aistock_db, snapshot_store, mapping)
+        exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files())
         try:
             result = run_snapshot_export(exporter, decl, range_start, range_end)
         except (DataGateError, MappingError, SnapshotError) as e:
