@@ -10,25 +10,29 @@ import sys
 from aistock_pipelines.settings import Settings
 
 
-def _store(settings: Settings):
+def _store(settings: Settings, *, database: bool = False):
+    """The releases under the snapshot root; ``database``: with the AIstock database, which making, pruning
+    and rolling back need (the writer locks, the meta rows)."""
     from aistock_pipelines.export.releases import ReleaseStore
 
-    return ReleaseStore(settings.snapshot_root)
-
-
-def _meta_repo(settings: Settings):
+    if not database:
+        return ReleaseStore(settings.snapshot_root)
     from aistock_pipelines.db import create_db_engine
     from aistock_pipelines.embedded_db import resolve_db_url
-    from aistock_pipelines.export.meta_repo import MetaRepo
 
-    return MetaRepo(create_db_engine(resolve_db_url(settings)))
+    return ReleaseStore(settings.snapshot_root, create_db_engine(resolve_db_url(settings)))
 
 
-def _declared(settings: Settings, snapshot_id: str):
-    """The snapshot's declaration in the snapshots file (None: not declared, an ad-hoc snapshot)."""
+def _snapshots_file(settings: Settings):
     from aistock_pipelines.snapshot_config import load_snapshots_file
 
-    return next((d for d in load_snapshots_file(settings.snapshots_file).snapshots if d.id == snapshot_id), None)
+    return load_snapshots_file(settings.snapshots_file)
+
+
+def _release_policy(snapshots, snapshot_id: str):
+    """The snapshot's declared release policy (None: not declared, or no policy)."""
+    decl = next((d for d in snapshots.snapshots if d.id == snapshot_id), None)
+    return decl.release if decl is not None else None
 
 
 def _fail(message: str) -> int:
@@ -52,15 +56,17 @@ def _guarded(command):
 
 
 def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
-    decl = _declared(settings, args.snapshot_id)
-    policy = decl.release if decl is not None else None
-    made = _store(settings).create(args.snapshot_id, _meta_repo(settings), label=args.label, keep=args.keep,
-                                   keep_last=policy.keep_last if policy else None,
-                                   declaration=decl.model_dump(mode="json") if decl else None)
+    snapshots = _snapshots_file(settings)
+    policy = _release_policy(snapshots, args.snapshot_id)
+    made = _store(settings, database=True).create(args.snapshot_id, label=args.label, keep=args.keep,
+                                                  keep_last=policy.keep_last if policy else None,
+                                                  declaration=snapshots.declaration_doc(args.snapshot_id))
     r = made.release
+    held = r.doc.get("contents", {})
     doc = {"release": r.name, "path": str(r.path), "created": made.created, "files": r.doc["manifest"]["files"],
            "bytes": r.doc["manifest"]["bytes"], "bytes_added": r.doc["bytes_added"],
-           "daily_pv_sha256": r.doc["daily_pv_sha256"], "keep": r.keep, "deleted_by_retention": made.deleted,
+           "daily_pv_sha256": r.doc["daily_pv_sha256"], "universes": held.get("universes", []),
+           "benchmarks": held.get("benchmarks", []), "keep": r.keep, "deleted_by_retention": made.deleted,
            "seconds": round(made.seconds, 3)}
     print(json.dumps(doc, indent=2) if args.json else "\n".join(f"{k:22} {v}" for k, v in doc.items()))
     return 0
@@ -104,7 +110,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from aistock_pipelines.export.rollback import rollback
 
-    done = rollback(_store(settings), _meta_repo(settings), args.snapshot_id, args.to)
+    done = rollback(_store(settings, database=True), args.snapshot_id, args.to)
     rows = (f"{done.meta_rows} meta rows restored" if done.meta_rows is not None
             else "no meta rows recorded: the next export re-reads every instrument")
     print(f"{args.snapshot_id} is release {args.to} again ({done.version.name}, replaced {done.replaced}); {rows}; "
@@ -129,11 +135,11 @@ def cmd_keep(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     keep_last = args.keep_last
     if keep_last is None:
-        decl = _declared(settings, args.snapshot_id)
-        keep_last = decl.release.keep_last if decl is not None and decl.release is not None else None
+        policy = _release_policy(_snapshots_file(settings), args.snapshot_id)
+        keep_last = policy.keep_last if policy is not None else None
     if keep_last is None:
         return _fail(f"snapshot {args.snapshot_id} declares no release keep_last; pass --keep-last N")
-    deleted = _store(settings).prune(args.snapshot_id, keep_last)
+    deleted = _store(settings, database=True).prune(args.snapshot_id, keep_last)
     print(f"deleted {len(deleted)} release(s) of {args.snapshot_id}: {', '.join(deleted) or 'none'}")
     return 0
 

@@ -172,6 +172,16 @@ class SnapshotsFile(_Strict):
                 return s
         raise KeyError(f"no snapshot {snapshot_id!r} declared; declared: {[s.id for s in self.snapshots]}")
 
+    def declaration_doc(self, snapshot_id: str) -> dict | None:
+        """A snapshot's declaration as a document, with the universes and benchmarks every snapshot holds
+        (what a release records); None when ``snapshot_id`` is not declared (an ad-hoc snapshot)."""
+        decl = next((s for s in self.snapshots if s.id == snapshot_id), None)
+        if decl is None:
+            return None
+        return {**decl.model_dump(mode="json"),
+                "universes": {name: u.model_dump(mode="json") for name, u in self.universes.items()},
+                "benchmarks": self.benchmarks.model_dump(mode="json") if self.benchmarks is not None else None}
+
 
 def _describe(err: ValidationError, doc: dict) -> str:
     parts = []

@@ -31,6 +31,8 @@ def test_code_location_holds_snapshots_and_rdagent_sync():
     sensor = repo.get_sensor_def("rdagent_results_sensor")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
     assert repo.has_job("rdagent_sync_job") and repo.has_job("snapshot_demo_allA_job")
+    assert repo.has_job("snapshot_release") and repo.has_job("snapshot_rollback")
+    assert repo.get_schedule_def("snapshot_demo_allA_release").job_name == "snapshot_release"
     checks = {k.name for k in repo.asset_graph.asset_check_keys if k.asset_key == AssetKey(["rdagent", "factor_catalog"])}
     assert "factor_package_aligned" in checks
 
@@ -47,10 +49,8 @@ def test_each_domain_brings_its_own_definitions_without_resources():
     assert _own_keys(snapshots) == {"snapshots/demo_allA", "snapshots/demo_qlib"}
     assert {k.split("/")[0] for k in _own_keys(rdagent)} == {"rdagent"}
     assert [s.name for s in market.schedules] == ["observe_market_sources"]
-    assert {s.name for s in snapshots.schedules} == {"snapshot_demo_allA_post_close", "snapshot_demo_qlib_post_close",
-                                                     "snapshot_demo_allA_release"}
-    assert {j.name for j in snapshots.jobs} == {"snapshot_demo_allA_job", "snapshot_demo_qlib_job", "adhoc_snapshot_export",
-                                                "snapshot_release", "snapshot_rollback"}
+    assert {s.name for s in snapshots.schedules} == {"snapshot_demo_allA_post_close", "snapshot_demo_qlib_post_close"}
+    assert {j.name for j in snapshots.jobs} == {"snapshot_demo_allA_job", "snapshot_demo_qlib_job", "adhoc_snapshot_export"}
     assert not (market.resources or snapshots.resources or rdagent.resources)
     repo = defs.get_repository_def()
     all_keys = {key.to_user_string() for key in repo.asset_graph.get_all_asset_keys()}

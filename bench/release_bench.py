@@ -72,7 +72,6 @@ def timed(what: str, fn):
 
 def measure(url: str, root: Path, tmp: Path, events: int) -> dict:
     from aistock_pipelines.db import create_db_engine
-    from aistock_pipelines.export.meta_repo import MetaRepo
     from aistock_pipelines.export.release_files import link_tree
     from aistock_pipelines.export.releases import ReleaseStore
     from aistock_pipelines.export.rollback import rollback
@@ -84,12 +83,12 @@ def measure(url: str, root: Path, tmp: Path, events: int) -> dict:
                                                    "variant": "allA"}, tmp, "full")
     live = (root / SNAPSHOT).resolve()
     res["snapshot_disk_bytes"], res["snapshot_files"] = disk_bytes(live)
-    store, meta = ReleaseStore(root), MetaRepo(create_db_engine(url))
-    first, res["release_seconds"] = timed("release", lambda: store.create(SNAPSHOT, meta))
+    store = ReleaseStore(root, create_db_engine(url))
+    first, res["release_seconds"] = timed("release", lambda: store.create(SNAPSHOT))
     res["release"] = {k: first.release.doc[k] for k in ("bytes_added", "manifest", "seconds")}
     _, res["link_only_seconds"] = timed("link only (no hashing)", lambda: link_tree(live, root / "link-only", hash_files=False))
     second, res["release_same_version_seconds"] = timed("release, same version", lambda: store.create(
-        SNAPSHOT, meta, label="same-version"))
+        SNAPSHOT, label="same-version"))
     res["release_same_version_bytes_added"] = second.release.doc["bytes_added"]
     check, res["verify_seconds"] = timed("verify", lambda: store.verify(SNAPSHOT, first.release.name))
     res["verify_ok"] = check.ok
@@ -102,15 +101,15 @@ def measure(url: str, root: Path, tmp: Path, events: int) -> dict:
     d2, res["diff_replaced_seconds"] = timed("diff replaced → live", lambda: diff_snapshot(store, SNAPSHOT, replaced, "live"))
     res["diff"] = {"restated": len(d.restated), "rows_added": d.rows_added, "replaced_restated": len(d2.restated)}
     third, res["release_after_incremental_seconds"] = timed("release after the incremental", lambda: store.create(
-        SNAPSHOT, meta, label="after-incremental"))
+        SNAPSHOT, label="after-incremental"))
     res["release_after_incremental_bytes_added"] = third.release.doc["bytes_added"]
-    done, res["rollback_seconds"] = timed("rollback", lambda: rollback(store, meta, SNAPSHOT, first.release.name))
+    done, res["rollback_seconds"] = timed("rollback", lambda: rollback(store, SNAPSHOT, first.release.name))
     res["rollback_meta_rows"] = done.meta_rows
     res["advance2"] = export_bench.run_worker("advance", {"url": url, "events": events}, tmp, "advance2")
     res["incremental_after_rollback"] = export_bench.run_worker(
         "incremental", {"url": url, "root": str(root), "snapshot_id": SNAPSHOT}, tmp, "inc2")
     res["verify_after_ok"] = store.verify(SNAPSHOT, first.release.name).ok
-    meta.engine.dispose()
+    store.engine.dispose()
     return res
 
 

@@ -16,14 +16,13 @@ import errno
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
+
+from aistock_pipelines.export.stored_snapshot import sha256_file
 
 #: Files at least this large are hashed in chunks by a thread of their own; smaller ones from one read.
 LARGE = 1 << 20
@@ -162,7 +161,7 @@ class _Hasher:
         with self.lock:
             if st.st_ino not in self.by_inode:
                 path = os.path.join(target, rel)
-                self.by_inode[st.st_ino] = self.large.submit(lambda: FileEntry(sha256_path(path), st.st_size))
+                self.by_inode[st.st_ino] = self.large.submit(lambda: FileEntry(sha256_file(path), st.st_size))
             return self.by_inode[st.st_ino]
 
     @staticmethod
@@ -227,11 +226,6 @@ def _read_small(fd: int) -> bytes | None:
             return None
 
 
-def sha256_path(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def manifest_text(files: dict[str, FileEntry]) -> str:
     """A manifest as text: one ``<sha256> <size> <path>`` line per file, sorted by path."""
     return "".join(f"{e.sha256} {e.size} {rel}\n" for rel, e in sorted(files.items()))
@@ -256,18 +250,3 @@ def compare_manifests(expected: dict[str, FileEntry], actual: dict[str, FileEntr
         elif want.sha256 != got.sha256:
             problems.append(f"sha256 differs: {rel} ({got.sha256[:12]}…, {want.sha256[:12]}… recorded)")
     return problems
-
-
-@lru_cache(maxsize=1)
-def code_version() -> dict:
-    """The code that made a release: the package version and, in a git checkout, its commit."""
-    from aistock_pipelines import __version__
-
-    commit = None
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5)
-        commit = done.stdout.strip() if done.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"package": __version__, "git_commit": commit, "python": sys.version.split()[0]}

@@ -6,15 +6,13 @@ Layout under ``AISTOCK_SNAPSHOT_ROOT``::
     releases/<id>/.keep/<release>           marks a release retention keeps
     releases/<id>/.partial-<release>-<pid>/ a release being made; a killed run leaves it, the next one deletes it
 
-A release is made under the snapshot's writer lock (no export swaps or recycles the version meanwhile), in
-a folder of its own that is renamed into place only once it is complete: a crash never leaves a
-half-made release under a release's name, and never touches the live snapshot or another release. Its
-bytes never change afterwards (:mod:`release_files`); :meth:`ReleaseStore.verify` recomputes them.
-
-``MANIFEST``: one ``<sha256> <size> <path>`` line per file of the version. ``release.json``: what the
-release is — the snapshot, the version and export that made it, the declaration, the database range and
-as-of time, the code version, the version's ``market.qlib_export_meta`` rows (for a rollback), the bytes the
-release added on disk — and the sha256 of ``MANIFEST``.
+A release is made under the snapshot's writer locks, as an export holds them (:func:`snapshot_lock.writer_locks`:
+no export swaps or recycles the version meanwhile, on any host), in a folder of its own that is renamed into
+place only once it is complete: a crash never leaves a half-made release under a release's name, and never
+touches the live snapshot or another release. It holds every file of the version — ``daily_pv.h5``, bins,
+calendars, ``all.txt`` and the universe files, the benchmark bins, the RD-Agent folders, ``meta.json`` — and
+its bytes never change afterwards (:mod:`release_files`); :meth:`ReleaseStore.verify` recomputes them.
+``MANIFEST`` and ``release.json``: :mod:`release_document`.
 """
 
 from __future__ import annotations
@@ -26,24 +24,22 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from sqlalchemy.engine import Engine
+
 from aistock_pipelines.export.meta_repo import InstrumentState, MetaRepo
-from aistock_pipelines.export.release_files import (LARGE, FileEntry, LinkedTree, code_version, compare_manifests,
-                                                    link_tree, manifest_of, manifest_text, parse_manifest)
+from aistock_pipelines.export.release_document import (DOCUMENT, MANIFEST, OWN_FILES, contents, document, meta_rows,
+                                                       meta_states, write_release_files)
+from aistock_pipelines.export.release_files import (LARGE, FileEntry, compare_manifests, link_tree, manifest_of,
+                                                    parse_manifest)
+from aistock_pipelines.export.snapshot_lock import DEFAULT_WAIT_S, writer_locks
 from aistock_pipelines.export.snapshot_shape import SnapshotError, check_snapshot_id
-from aistock_pipelines.export.versions import SnapshotLocked, SnapshotVersions, remove_tree
+from aistock_pipelines.export.versions import SnapshotVersions, remove_tree
 
 RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-DOCUMENT = "release.json"
-MANIFEST = "MANIFEST"
-#: A release's own files, beside the version's.
-OWN_FILES = frozenset({DOCUMENT, MANIFEST})
 LIVE = "live"
-#: The meta repo's columns a release keeps per instrument (with the snapshot id and freq, a row).
-META_COLUMNS = ["ts_code", "first_datetime", "last_datetime", "rows", "checksum", "export_id"]
 
 
 class ReleaseError(SnapshotError):
@@ -56,25 +52,6 @@ def check_release_name(name: str) -> str:
         raise ReleaseError(f"release name {name!r} is not allowed: use 1–100 letters, digits, '.', '_' or '-', "
                            f"starting with a letter or digit (not {LIVE!r}); it becomes a folder name")
     return name
-
-
-@contextmanager
-def writer_lock(versions: SnapshotVersions, snapshot_id: str, wait: float) -> Iterator[None]:
-    """The snapshot's writer lock, waiting up to ``wait`` seconds for an export that holds it."""
-    deadline = time.monotonic() + wait
-    while True:
-        held = versions.lock(snapshot_id)
-        try:
-            held.__enter__()
-            break
-        except SnapshotLocked:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.5)
-    try:
-        yield
-    finally:
-        held.__exit__(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -101,11 +78,7 @@ class Release:
 
     def meta_states(self) -> list[InstrumentState] | None:
         """The ``market.qlib_export_meta`` rows of the released version (None: not recorded)."""
-        rows = self.doc.get("meta_rows")
-        if rows is None:
-            return None
-        return [InstrumentState(code, date.fromisoformat(first), date.fromisoformat(last), int(n), checksum, export_id)
-                for code, first, last, n, checksum, export_id in rows["rows"]]
+        return meta_states(self.doc)
 
 
 @dataclass(frozen=True)
@@ -135,11 +108,23 @@ class Verification:
 
 
 class ReleaseStore:
-    """The releases of the snapshots under ``snapshot_root``."""
+    """The releases of the snapshots under ``snapshot_root``. Reading them needs only the folder; making,
+    pruning and rolling back take the writer locks and the meta rows in the AIstock database ``engine``."""
 
-    def __init__(self, snapshot_root: Path):
+    def __init__(self, snapshot_root: Path, engine: Engine | None = None):
         self.versions = SnapshotVersions(snapshot_root)
         self.root = Path(snapshot_root) / "releases"
+        self.engine = engine
+        self.meta = MetaRepo(engine) if engine is not None else None
+
+    @contextmanager
+    def locked(self, snapshot_id: str, wait_s: float = DEFAULT_WAIT_S) -> Iterator[MetaRepo]:
+        """Hold the snapshot's writer locks (waiting up to ``wait_s`` for an export); yields the meta repo."""
+        if self.meta is None:
+            raise ReleaseError("making, pruning or rolling back releases takes the snapshot's writer lock in the "
+                               "AIstock database: open the ReleaseStore with the database engine")
+        with writer_locks(self.engine, self.versions, snapshot_id, wait_s=wait_s):
+            yield self.meta
 
     def folder(self, snapshot_id: str) -> Path:
         return self.root / check_snapshot_id(snapshot_id)
@@ -168,32 +153,32 @@ class ReleaseStore:
         doc = json.loads((path / DOCUMENT).read_text())
         return Release(snapshot_id, path.name, path, doc, (path.parent / ".keep" / path.name).exists())
 
-    def create(self, snapshot_id: str, meta_repo: MetaRepo | None, *, label: str | None = None, keep: bool = False,
-               keep_last: int | None = None, declaration: dict | None = None, lock_wait: float = 60.0) -> ReleaseResult:
+    def create(self, snapshot_id: str, *, label: str | None = None, keep: bool = False, keep_last: int | None = None,
+               declaration: dict | None = None, lock_wait: float = DEFAULT_WAIT_S) -> ReleaseResult:
         """Release the live version of ``snapshot_id`` as ``label`` (default: its last day), mark it ``keep``,
-        then apply retention (``keep_last``). ``meta_repo`` gives the version's meta rows (for a rollback);
-        ``declaration``: the snapshot's declaration as the snapshots file states it, recorded as is."""
+        then apply retention (``keep_last``). ``declaration``: the snapshot's declaration as the snapshots
+        file states it (:meth:`SnapshotsFile.declaration_doc`), recorded as is."""
         started = time.perf_counter()
-        with writer_lock(self.versions, snapshot_id, lock_wait):
+        with self.locked(snapshot_id, lock_wait) as meta_repo:
             version, meta = self._live(snapshot_id)
             folder = self.folder(snapshot_id)
             folder.mkdir(parents=True, exist_ok=True)
             _clear_leftovers(folder)
             name, existing = self._name_for(snapshot_id, meta, version, label)
-            release = existing or self._make(snapshot_id, name, version, meta, meta_repo, declaration, started)
+            if existing is None:
+                self._make(snapshot_id, name, version, meta, meta_repo, declaration, started)
             if keep:
                 self._mark(snapshot_id, name, True)
             deleted = self._prune(snapshot_id, keep_last) if keep_last else []
         return ReleaseResult(self.get(snapshot_id, name), existing is None, deleted, time.perf_counter() - started)
 
     def _live(self, snapshot_id: str) -> tuple[Path, dict]:
-        """The live version's folder and its ``meta.json``."""
-        link = self.versions.path(snapshot_id)
-        if not (link / "meta.json").is_file():
+        """The live version's folder and its ``meta.json`` (read under the lock: no swap in between)."""
+        meta = self.versions.read_meta(snapshot_id)
+        if meta is None:
             raise ReleaseError(f"snapshot {snapshot_id} has no exported version under {self.versions.root}; "
                                "export it first")
-        version = link.resolve()
-        return version, json.loads((version / "meta.json").read_text())
+        return self.versions.path(snapshot_id).resolve(), meta
 
     def _name_for(self, snapshot_id: str, meta: dict, version: Path, label: str | None) -> tuple[str, Release | None]:
         """The new release's name, or an existing release of this very version under that name."""
@@ -207,7 +192,7 @@ class ReleaseStore:
         raise ReleaseError(f"release {candidates[-1]!r} of snapshot {snapshot_id} exists and holds another version "
                            f"(export {self.get(snapshot_id, candidates[-1]).export_id}); choose another label")
 
-    def _make(self, snapshot_id: str, name: str, version: Path, meta: dict, meta_repo: MetaRepo | None,
+    def _make(self, snapshot_id: str, name: str, version: Path, meta: dict, meta_repo: MetaRepo,
               declaration: dict | None, started: float) -> Release:
         """Link and hash the version into a partial folder, write the manifest, rename it into place."""
         partial = self.folder(snapshot_id) / f".partial-{name}-{os.getpid()}"
@@ -218,8 +203,9 @@ class ReleaseStore:
                 raise ReleaseError(f"the live daily_pv.h5 of {snapshot_id} does not match the sha256 its export "
                                    "recorded in meta.json: it was changed after the export; re-export the snapshot "
                                    "(a full export) and release again")
-            doc = _document(snapshot_id, name, version, meta, _meta_rows(meta_repo, snapshot_id, meta), declaration)
-            _write_release_files(partial, doc, linked, started)
+            doc = document(snapshot_id, name, version, meta, meta_rows(meta_repo, snapshot_id, meta), declaration,
+                           contents(version, linked.files))
+            write_release_files(partial, doc, linked, started)
             os.rename(partial, self.folder(snapshot_id) / name)
         except BaseException:
             remove_tree(partial, workers=2)
@@ -269,9 +255,9 @@ class ReleaseStore:
         else:
             mark.unlink(missing_ok=True)
 
-    def prune(self, snapshot_id: str, keep_last: int, lock_wait: float = 60.0) -> list[str]:
+    def prune(self, snapshot_id: str, keep_last: int, lock_wait: float = DEFAULT_WAIT_S) -> list[str]:
         """Retention: delete the releases older than the newest ``keep_last`` that are not marked keep."""
-        with writer_lock(self.versions, snapshot_id, lock_wait):
+        with self.locked(snapshot_id, lock_wait):
             return self._prune(snapshot_id, keep_last)
 
     def _prune(self, snapshot_id: str, keep_last: int) -> list[str]:
@@ -298,54 +284,3 @@ def _clear_leftovers(folder: Path) -> None:
     for p in folder.iterdir():
         if p.name.startswith((".partial-", ".deleting-")):
             remove_tree(p, workers=2)
-
-
-def _meta_rows(meta_repo: MetaRepo | None, snapshot_id: str, meta: dict) -> dict | None:
-    """The version's rows of ``market.qlib_export_meta``, if they are that version's (the same export id);
-    a rollback restores them so the next incremental export trusts them."""
-    if meta_repo is None:
-        return None
-    states = meta_repo.load(snapshot_id)
-    if not states or any(s.export_id != meta["export_id"] for s in states.values()):
-        return None
-    rows = [[s.ts_code, s.first_datetime.isoformat(), s.last_datetime.isoformat(), s.rows, s.checksum, s.export_id]
-            for s in sorted(states.values(), key=lambda s: s.ts_code)]
-    return {"table": "market.qlib_export_meta", "freq": "1d", "columns": META_COLUMNS, "rows": rows}
-
-
-def _document(snapshot_id: str, name: str, version: Path, meta: dict, meta_rows: dict | None,
-              declaration: dict | None) -> dict:
-    """``release.json`` but for what :func:`_write_release_files` adds (the manifest's summary, bytes)."""
-    return {
-        "format": 1, "snapshot_id": snapshot_id, "release": name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        "version": version.name, "export_id": meta["export_id"], "daily_pv_sha256": meta["daily_pv_sha256"],
-        "database": {"start": meta["start"], "end": meta["end"], "as_of": meta.get("as_of"),
-                     "calendar_days": meta.get("calendar_days"), "rows": meta.get("row_count"),
-                     "instruments": meta.get("instrument_count")},
-        "declaration": {"declaration_hash": meta.get("declaration_hash"), "start": meta["start"],
-                        "universe": meta.get("universe"), "options": meta.get("options"),
-                        "mapping": meta.get("mapping"), "declared": declaration},
-        "last_export": meta.get("last_export"), "replaces": meta.get("replaces"),
-        "code_version": code_version(), "meta_rows": meta_rows,
-    }
-
-
-def _write_release_files(folder: Path, doc: dict, linked: LinkedTree, started: float) -> None:
-    """Write ``MANIFEST``, then ``release.json`` with the manifest's summary and the bytes the release adds:
-    its folders and copies, plus these two files (their blocks, from their lengths: the numbers' few digits
-    never move a file by a block)."""
-    text = manifest_text(linked.files)
-    block = os.statvfs(folder).f_frsize
-    blocks = lambda n: -(-n // block) * block  # noqa: E731 - the size on disk of n bytes
-    doc["manifest"] = {"file": MANIFEST, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                       "files": len(linked.files), "bytes": sum(e.size for e in linked.files.values())}
-    doc["copied"] = linked.copied
-    doc["bytes_added"] = 0
-    doc["seconds"] = round(time.perf_counter() - started, 3)
-    doc["bytes_added"] = linked.bytes_added + blocks(len(text)) + blocks(len(json.dumps(doc, indent=1)) + 16)
-    for name, content in ((MANIFEST, text), (DOCUMENT, json.dumps(doc, indent=1))):
-        with open(folder / name, "w") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())

@@ -1,10 +1,13 @@
 """Rollback: make a snapshot's live version equal to one of its releases, so that exports continue from it.
 
-Under the snapshot's writer lock, after the release's bytes are verified against its manifest:
+Under the snapshot's writer locks (as an export holds them), after the release's bytes are verified
+against its manifest:
 
 1. a new version folder (:meth:`SnapshotVersions.begin`) of hard links to the release's files — the
    release's ``meta.json`` rewritten as a new file: ``replaces`` names the version it replaces and
-   ``last_export`` says ``rollback`` (so the next export extends no older version's bins: it writes them anew);
+   ``last_export`` says ``rollback``, so the next export recycles no older version's bins (it writes them
+   anew); the export after it recycles this version's folder, whose files the release also holds (two
+   links each), so it writes those anew too (an incremental export extends only one-link files);
 2. swapped in with the writer's own atomic swap: a reader that resolved the old path keeps complete files,
    as after an export (the replaced version stays until the next export deletes it);
 3. ``market.qlib_export_meta`` set to the rows the release recorded (the same export id as its
@@ -19,14 +22,16 @@ differs from ``meta.json``'s, which the next export trusts for nothing: it re-re
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from aistock_pipelines.export.meta_repo import MetaRepo
+from aistock_pipelines.export.release_document import OWN_FILES
 from aistock_pipelines.export.release_files import link_tree
-from aistock_pipelines.export.releases import OWN_FILES, Release, ReleaseError, ReleaseStore, writer_lock
+from aistock_pipelines.export.releases import Release, ReleaseError, ReleaseStore
+from aistock_pipelines.export.snapshot_lock import DEFAULT_WAIT_S
 from aistock_pipelines.export.versions import remove_tree
 
 
@@ -43,24 +48,17 @@ class RollbackResult:
     seconds: float
 
 
-def rollback(store: ReleaseStore, meta_repo: MetaRepo, snapshot_id: str, name: str,
-             lock_wait: float = 60.0) -> RollbackResult:
+def rollback(store: ReleaseStore, snapshot_id: str, name: str, lock_wait: float = DEFAULT_WAIT_S) -> RollbackResult:
     """Make the live version of ``snapshot_id`` equal to release ``name`` (module docstring)."""
     started = time.perf_counter()
     versions = store.versions
-    with writer_lock(versions, snapshot_id, lock_wait):
-        release = store.get(snapshot_id, name)
-        checked = store.verify(snapshot_id, name)
-        if not checked.ok:
-            raise ReleaseError(f"release {name} of {snapshot_id} differs from its manifest, so it is not rolled back "
-                               f"to: {'; '.join(checked.problems[:5])}"
-                               + (f" (and {len(checked.problems) - 5} more)" if len(checked.problems) > 5 else ""))
+    with store.locked(snapshot_id, lock_wait) as meta_repo:
+        release = _verified(store, snapshot_id, name)
         begun = versions.begin(snapshot_id)
         replaced = versions.current_name(snapshot_id)
         try:
             link_tree(release.path, begun.path, exclude=OWN_FILES | {"meta.json"}, hash_files=False)
-            meta = _rolled_back_meta(release, replaced)
-            (begun.path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            _write_meta(begun.path, _rolled_back_meta(release, replaced))
         except BaseException:
             versions.discard(snapshot_id, begun)
             raise
@@ -74,6 +72,25 @@ def rollback(store: ReleaseStore, meta_repo: MetaRepo, snapshot_id: str, name: s
             remove_tree(stale, workers=2)
     return RollbackResult(versions.path(snapshot_id), begun.path, replaced, release,
                           None if states is None else len(states), time.perf_counter() - started)
+
+
+def _verified(store: ReleaseStore, snapshot_id: str, name: str) -> Release:
+    """The release, its bytes checked against its manifest: a release that differs is not rolled back to."""
+    release = store.get(snapshot_id, name)
+    checked = store.verify(snapshot_id, name)
+    if not checked.ok:
+        more = f" (and {len(checked.problems) - 5} more)" if len(checked.problems) > 5 else ""
+        raise ReleaseError(f"release {name} of {snapshot_id} differs from its manifest, so it is not rolled back "
+                           f"to: {'; '.join(checked.problems[:5])}{more}; `aistock-pipelines snapshots verify "
+                           f"{snapshot_id} {name}` lists every difference")
+    return release
+
+
+def _write_meta(version: Path, meta: dict) -> None:
+    """The version's ``meta.json``, complete or absent (a version without one is a killed run's leftover)."""
+    partial = version / "meta.json.partial"
+    partial.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(partial, version / "meta.json")
 
 
 def _rolled_back_meta(release: Release, replaced: str | None) -> dict:

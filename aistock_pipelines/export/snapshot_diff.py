@@ -92,9 +92,10 @@ def resolve(store: ReleaseStore, snapshot_id: str, ref: str) -> Path:
             raise ReleaseError(f"snapshot {snapshot_id} has no live version under {store.versions.root}")
         return path.resolve()
     if ref.startswith(f"{snapshot_id}@"):
-        path = store.versions.root / ".versions" / ref
+        path = store.versions.version(ref)
         if not (path / "meta.json").is_file():
-            raise ReleaseError(f"no complete version folder {ref} under {store.versions.root / '.versions'}")
+            raise ReleaseError(f"no complete version folder {ref} under {path.parent}; "
+                               f"`aistock-pipelines snapshots history {snapshot_id}` lists them")
         return path
     return store.get(snapshot_id, ref).path
 

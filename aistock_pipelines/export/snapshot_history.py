@@ -37,10 +37,9 @@ class HistoryEntry:
 
 def history(store: ReleaseStore, snapshot_id: str) -> list[HistoryEntry]:
     """Every version folder and release of ``snapshot_id``, oldest first."""
-    versions_dir = store.versions.root / ".versions"
     live = store.versions.current_name(snapshot_id)
     entries = []
-    for folder in sorted(versions_dir.glob(f"{snapshot_id}@*")) if versions_dir.is_dir() else []:
+    for folder in store.versions.version_folders(snapshot_id):
         try:
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, ValueError):

@@ -1,6 +1,7 @@
 """Releases in Dagster (thin wiring over :mod:`aistock_pipelines.export.releases`): the Launchpad jobs
 ``snapshot_release`` and ``snapshot_rollback``, a release schedule per snapshot that declares one
-(``release: {schedule: monthly, keep_last: 12}``), and the diff metadata each export carries.
+(``release: {schedule: monthly, keep_last: 12}``) — together :func:`release_definitions` — and the diff
+metadata each export carries.
 
 The schedule runs at 20:30 Asia/Shanghai on weekdays, two hours after the post-close export (18:30, retried
 meanwhile), and requests a release only on the last trading day of its period by the database's trade
@@ -14,22 +15,21 @@ from datetime import date
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from dagster import (AssetObservation, Backoff, Config, DefaultScheduleStatus, Failure, JobDefinition, MetadataValue,
-                     OpExecutionContext, Output, RetryPolicy, RunRequest, ScheduleDefinition, ScheduleEvaluationContext,
-                     SkipReason, job, op, schedule)
+from dagster import (AssetObservation, Backoff, Config, DefaultScheduleStatus, Definitions, Failure, JobDefinition,
+                     MetadataValue, OpExecutionContext, Output, RetryPolicy, RunRequest, ScheduleDefinition,
+                     ScheduleEvaluationContext, SkipReason, job, op, schedule)
 from pydantic import Field
 
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.export.build import ExportResult
-from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.releases import ReleaseResult, ReleaseStore
 from aistock_pipelines.export.rollback import rollback
 from aistock_pipelines.export.snapshot_diff import diff_folders
 from aistock_pipelines.export.snapshot_shape import SnapshotError
-from aistock_pipelines.export.versions import SnapshotLocked
+from aistock_pipelines.export.versions import SnapshotLocked, SnapshotVersions
 from aistock_pipelines.orchestration.schedules import is_trading_day
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
-from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
+from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile, snapshot_name
 
 RELEASE_JOB = "snapshot_release"
 ROLLBACK_JOB = "snapshot_rollback"
@@ -53,10 +53,13 @@ class RollbackConfig(Config):
 
 def release_metadata(made: ReleaseResult) -> dict:
     r = made.release
+    held = r.doc.get("contents", {})
     return {"release": r.name, "path": MetadataValue.path(str(r.path)), "created": made.created,
             "files": r.doc["manifest"]["files"], "bytes": r.doc["manifest"]["bytes"],
             "bytes_added": r.doc["bytes_added"], "daily_pv_sha256": r.doc["daily_pv_sha256"],
             "end": r.doc["database"]["end"], "export_id": r.export_id, "keep": r.keep,
+            "universes": MetadataValue.json(held.get("universes", [])),
+            "benchmarks": MetadataValue.json(held.get("benchmarks", [])),
             "deleted_by_retention": MetadataValue.json(made.deleted), "seconds": float(round(made.seconds, 3))}
 
 
@@ -67,8 +70,8 @@ def _check_reached(store: ReleaseStore, snapshot_id: str, not_before: str | None
                                   "day's export has not finished; the release retries later")
 
 
-def release_job(config: SnapshotsFile) -> JobDefinition:
-    declared: dict[str, SnapshotDecl] = {d.id: d for d in config.snapshots}
+def release_job(snapshots: SnapshotsFile) -> JobDefinition:
+    declared: dict[str, SnapshotDecl] = {d.id: d for d in snapshots.snapshots}
 
     @op(name="release_snapshot", retry_policy=RELEASE_RETRY,
         description="Pin the live version of a snapshot as a named, immutable release; apply its retention.")
@@ -76,12 +79,12 @@ def release_job(config: SnapshotsFile) -> JobDefinition:
                          snapshot_store: SnapshotStore) -> Output[None]:
         decl = declared.get(config.snapshot_id)
         policy = decl.release if decl is not None else None
-        store = ReleaseStore(snapshot_store.path)
+        store = ReleaseStore(snapshot_store.path, aistock_db.engine())
         _check_reached(store, config.snapshot_id, config.not_before)
         try:
-            made = store.create(config.snapshot_id, MetaRepo(aistock_db.engine()), label=config.label, keep=config.keep,
+            made = store.create(config.snapshot_id, label=config.label, keep=config.keep,
                                 keep_last=policy.keep_last if policy else None,
-                                declaration=decl.model_dump(mode="json") if decl else None)
+                                declaration=snapshots.declaration_doc(config.snapshot_id))
         except SnapshotLocked:
             raise  # an export holds the snapshot: retried
         except SnapshotError as e:
@@ -106,8 +109,7 @@ def rollback_job() -> JobDefinition:
     def rollback_snapshot(context: OpExecutionContext, config: RollbackConfig, aistock_db: AIstockDatabase,
                           snapshot_store: SnapshotStore) -> Output[None]:
         try:
-            done = rollback(ReleaseStore(snapshot_store.path), MetaRepo(aistock_db.engine()), config.snapshot_id,
-                            config.to)
+            done = rollback(ReleaseStore(snapshot_store.path, aistock_db.engine()), config.snapshot_id, config.to)
         except SnapshotError as e:
             raise Failure(description=f"snapshot {config.snapshot_id}: {e}", allow_retries=False) from e
         context.log.info("%s rolled back to release %s", config.snapshot_id, config.to)
@@ -144,7 +146,7 @@ def ends_period(schedule_kind: str, day: date, following: date) -> bool:
 def release_schedule(decl: SnapshotDecl, target: JobDefinition, calendar_table: str) -> ScheduleDefinition:
     kind = decl.release.schedule
 
-    @schedule(name=f"snapshot_{decl.id.replace('-', '_')}_release", cron_schedule=RELEASE_CRON,
+    @schedule(name=f"snapshot_{snapshot_name(decl.id)}_release", cron_schedule=RELEASE_CRON,
               execution_timezone=EXCHANGE_TIMEZONE, job=target, default_status=DefaultScheduleStatus.RUNNING,
               description=f"A {kind} release of snapshots/{decl.id} after the close of the period's last trading day.")
     def _release(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
@@ -172,6 +174,12 @@ def release_schedules(config: SnapshotsFile, target: JobDefinition) -> list[Sche
             for d in config.snapshots if d.release is not None and d.release.schedule is not None]
 
 
+def release_definitions(config: SnapshotsFile) -> Definitions:
+    """The release and rollback jobs, and a release schedule per snapshot that declares one."""
+    releases = release_job(config)
+    return Definitions(jobs=[releases, rollback_job()], schedules=release_schedules(config, releases))
+
+
 def export_diff_metadata(result: ExportResult) -> dict:
     """What an export changed: its version against the one it replaced (still on disk until the next
     export), as ``diff_*`` metadata; nothing when there is no such version."""
@@ -179,8 +187,10 @@ def export_diff_metadata(result: ExportResult) -> dict:
         return {}
     try:
         meta = json.loads((result.path / "meta.json").read_text())
-        previous = result.path.parent / ".versions" / str(meta.get("replaces"))
-        if not meta.get("replaces") or not (previous / "meta.json").is_file():
+        if not meta.get("replaces"):
+            return {}
+        previous = SnapshotVersions(result.path.parent).version(meta["replaces"])
+        if not (previous / "meta.json").is_file():
             return {}
         d = diff_folders(previous, result.path.resolve(), meta["replaces"], "live")
     except (OSError, ValueError, KeyError, SnapshotError) as e:  # a diff must not fail the export

@@ -3,7 +3,6 @@
 from dagster import Definitions
 
 from aistock_pipelines.orchestration.adhoc_export import adhoc_export_job
-from aistock_pipelines.orchestration.releases import release_job, release_schedules, rollback_job
 from aistock_pipelines.orchestration.schedules import post_close_schedules, snapshot_jobs
 from aistock_pipelines.orchestration.snapshot_assets import snapshot_assets
 from aistock_pipelines.orchestration.snapshot_checks import all_snapshot_checks
@@ -11,13 +10,11 @@ from aistock_pipelines.snapshot_config import SnapshotsFile
 
 
 def snapshot_definitions(config: SnapshotsFile) -> Definitions:
-    """Every declared snapshot's asset, checks, job and schedule, plus the ad-hoc export job and the release
-    and rollback jobs (with a release schedule per snapshot that declares one)."""
+    """Every declared snapshot's asset, checks, job and schedule, plus the ad-hoc export job."""
     jobs = snapshot_jobs(config)
-    releases = release_job(config)
     return Definitions(
         assets=snapshot_assets(config),
         asset_checks=all_snapshot_checks(config),
-        jobs=[*jobs, adhoc_export_job(config), releases, rollback_job()],
-        schedules=[*post_close_schedules(config, jobs), *release_schedules(config, releases)],
+        jobs=[*jobs, adhoc_export_job(config)],
+        schedules=post_close_schedules(config, jobs),
     )

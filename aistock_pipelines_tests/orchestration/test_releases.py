@@ -10,8 +10,8 @@ from dagster import DagsterEventType, DagsterInstance, Failure, SkipReason, buil
 
 from aistock_pipelines.demo.market import advance_market
 from aistock_pipelines.export.releases import ReleaseStore
-from aistock_pipelines.orchestration.releases import (_check_reached, ends_period, release_job, release_schedules,
-                                                     rollback_job)
+from aistock_pipelines.orchestration.releases import (_check_reached, ends_period, release_definitions, release_job,
+                                                     release_schedules, rollback_job)
 from aistock_pipelines.orchestration.snapshot_assets import build_exporter, snapshot_assets
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE
@@ -31,7 +31,7 @@ def test_release_and_rollback_jobs(market_db, tmp_path):
     decl = CONFIG.get("demo_allA")
     db, store_resource = AIstockDatabase(url=market_db), SnapshotStore(root=str(tmp_path))
     resources = {"aistock_db": db, "snapshot_store": store_resource}
-    exporter = build_exporter(db, store_resource, CONFIG.export_mapping())
+    exporter = build_exporter(db, store_resource, CONFIG.export_mapping(), CONFIG.market_files())
     exported = exporter.export_full("demo_allA", decl.start, options=decl.options())
     instance = DagsterInstance.ephemeral()
     run_config = {"ops": {"release_snapshot": {"config": {"snapshot_id": "demo_allA", "label": "study-1", "keep": True}}}}
@@ -40,7 +40,9 @@ def test_release_and_rollback_jobs(market_db, tmp_path):
     path = tmp_path / "releases" / "demo_allA" / "study-1"
     assert md["release"] == "study-1" and md["path"] == str(path) and md["keep"] is True and md["created"] is True
     assert md["daily_pv_sha256"] == exported.sha256 and md["files"] > 1000 and 0 < md["bytes_added"] < 0.05 * md["bytes"]
-    assert json.loads((path / "release.json").read_text())["declaration"]["declared"]["id"] == "demo_allA"
+    assert md["universes"] == ["csi300", "hs_liquid"] and md["benchmarks"] == ["000300.sh", "399006.sz"]
+    declared = json.loads((path / "release.json").read_text())["declaration"]["declared"]
+    assert declared["id"] == "demo_allA" and set(declared["universes"]) == {"csi300", "hs_liquid"}
     observed = result.asset_observations_for_node("release_snapshot")
     assert observed[0].asset_key.path == ["snapshots", "demo_allA"] and observed[0].metadata["release"].value == "study-1"
     with disposing_engine(market_db) as engine:
@@ -52,7 +54,7 @@ def test_release_and_rollback_jobs(market_db, tmp_path):
     md = _output_metadata(rolled, "rollback_snapshot")
     meta = json.loads((tmp_path / "demo_allA" / "meta.json").read_text())
     assert md["export_id"] == meta["export_id"] == exported.export_id and md["meta_rows_restored"] == exported.instruments
-    store = ReleaseStore(tmp_path)
+    store = ReleaseStore(tmp_path)  # reading needs no database
     with pytest.raises(Failure, match="before 2099-01-01: the day's export has not finished"):
         _check_reached(store, "demo_allA", "2099-01-01")
     _check_reached(store, "demo_allA", meta["end"])
@@ -107,3 +109,9 @@ def test_an_export_carries_the_diff_of_what_it_changed(market_db, tmp_path):
     assert md["diff_rows_removed"].value == 0 and md["diff_columns_added"].value == []
     table = md["diff_restated_largest"].value
     assert all(f"| {code[-2:]}{code[:6]} |" in table for code in adv.restated)
+
+
+def test_release_definitions_are_a_domain_of_their_own():
+    defs = release_definitions(CONFIG)
+    assert {j.name for j in defs.jobs} == {"snapshot_release", "snapshot_rollback"}
+    assert [s.name for s in defs.schedules] == ["snapshot_demo_allA_release"] and not defs.assets and not defs.resources
