@@ -111,8 +111,21 @@ class _SnapshotIdentity(_Strict):
         return v
 
 
+class ReleaseDecl(_Strict):
+    """A snapshot's release policy: a scheduled release after the close of the last trading day of each
+    period, and retention (the newest ``keep_last`` releases and those marked keep stay)."""
+
+    schedule: Literal["daily", "weekly", "monthly"] | None = Field(
+        None, description="release after the close of the period's last trading day; null = on demand only")
+    keep_last: int | None = Field(None, ge=1, description="retention after each release; null = keep all")
+
+
 class SnapshotDecl(SnapshotLayout, _SnapshotIdentity):
-    """One declared snapshot: identity and range first, then the layout (field order is the stored JSON's)."""
+    """One declared snapshot: identity and range first, then the layout (field order is the stored JSON's).
+    ``release`` is left out of the dumped declaration (and so of the asset's code version): a release policy
+    changes no data."""
+
+    release: ReleaseDecl | None = Field(None, exclude=True)
 
     @field_validator("end")
     @classmethod
@@ -174,6 +187,16 @@ class SnapshotsFile(_Strict):
             if s.id == snapshot_id:
                 return s
         raise KeyError(f"no snapshot {snapshot_id!r} declared; declared: {[s.id for s in self.snapshots]}")
+
+    def declaration_doc(self, snapshot_id: str) -> dict | None:
+        """A snapshot's declaration as a document, with the universes and benchmarks every snapshot holds
+        (what a release records); None when ``snapshot_id`` is not declared (an ad-hoc snapshot)."""
+        decl = next((s for s in self.snapshots if s.id == snapshot_id), None)
+        if decl is None:
+            return None
+        return {**decl.model_dump(mode="json"),
+                "universes": {name: u.model_dump(mode="json") for name, u in self.universes.items()},
+                "benchmarks": self.benchmarks.model_dump(mode="json") if self.benchmarks is not None else None}
 
 
 def _describe(err: ValidationError, doc: dict) -> str:

@@ -117,3 +117,15 @@ def test_a_snapshot_holds_the_universes_it_lists(tmp_path):
     path.write_text(head + "    suspended_days: drop\n")
     with pytest.raises(SnapshotConfigError, match=r"snapshot 'some', key suspended_days"):
         load_snapshots_file(path)
+
+
+def test_a_release_policy_is_validated_and_changes_no_code_version(tmp_path):
+    decl = load_snapshots_file(DEMO_SNAPSHOTS_FILE).get("demo_allA")
+    assert decl.release.schedule == "monthly" and decl.release.keep_last == 12
+    assert "release" not in decl.model_dump_json(), "a release policy changes no data: no stale snapshot"
+    path = _snapshots_yaml(tmp_path, "  - id: x\n    start: 2021-01-04\n    release: {schedule: yearly}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot 'x', key release.schedule"):
+        load_snapshots_file(path)
+    path = _snapshots_yaml(tmp_path, "  - id: x\n    start: 2021-01-04\n    release: {keep_last: 0}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot 'x', key release.keep_last"):
+        load_snapshots_file(path)

@@ -37,6 +37,7 @@ from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
+from aistock_pipelines.orchestration.releases import export_diff_metadata
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
@@ -94,6 +95,7 @@ def result_metadata(result: ExportResult) -> dict:
         meta["columns"] = MetadataValue.json(list(frame_preview.columns))
         meta["daily_pv_bytes"] = (result.path / "daily_pv.h5").stat().st_size
         meta["preview"] = MetadataValue.md(frame_preview.iloc[:, :8].to_markdown())  # tabulate ships with dagster
+    meta.update(export_diff_metadata(result))  # what this run changed, against the version it replaced
     return meta
 
 
