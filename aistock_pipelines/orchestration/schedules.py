@@ -23,13 +23,13 @@ from dagster import (
 
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.resources import AIstockDatabase
-from aistock_pipelines.snapshot_config import SnapshotsFile
+from aistock_pipelines.snapshot_config import SnapshotsFile, snapshot_name
 
 POST_CLOSE_CRON = "30 18 * * 1-5"
 
 
 def snapshot_job_name(snapshot_id: str) -> str:
-    return f"snapshot_{snapshot_id.replace('-', '_')}_job"
+    return f"snapshot_{snapshot_name(snapshot_id)}_job"
 
 
 def snapshot_jobs(config: SnapshotsFile):
