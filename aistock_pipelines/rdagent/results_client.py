@@ -79,7 +79,10 @@ def _finite_or_none(text: str) -> float | None:
 
 def _loads(body: bytes) -> Any:
     """Strict-enough JSON: ``NaN``/``Infinity`` tokens (accepted by Python's json) become ``None``."""
-    return json.loads(body, parse_constant=lambda _token: None, parse_float=_finite_or_none)
+    try:
+        return json.loads(body, parse_constant=lambda _token: None, parse_float=_finite_or_none)
+    except RecursionError:  # a body nested deeper than the parser's stack: hostile or broken
+        raise ValueError("nested too deeply to parse") from None
 
 
 def _summarize(exc: ValidationError, limit: int = 5) -> str:

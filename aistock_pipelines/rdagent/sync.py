@@ -44,13 +44,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from aistock_pipelines.rdagent import registry_schema as rs
 from aistock_pipelines.rdagent.catalog_models import Alpha158Meta, CatalogResponse
-from aistock_pipelines.rdagent.json_values import sanitize_json
+from aistock_pipelines.rdagent.json_values import JsonTooDeep, sanitize_json
 from aistock_pipelines.rdagent.results_client import (
     RDAgentResultsClient,
     ResultsApiBadResponse,
     ResultsApiError,
     ResultsApiUnavailable,
 )
+from aistock_pipelines.rdagent.row_spool import RowSpool
 
 log = logging.getLogger(__name__)
 
@@ -505,45 +506,97 @@ def merge_duplicates(spec_kind: str, records: Iterable[dict[str, Any]]) -> tuple
     received = 0
     for record in records:
         received += 1
-        raw = sanitize_json(record)
-        row = {column: sanitize_json(value) for column, value in spec.derive(raw).items()}
-        row["raw"] = raw
-        rows[tuple(row[k] for k in spec.key)] = row
+        key, row = _keyed_row(spec, record, received)
+        rows[key] = row
     return rows, received - len(rows)
+
+
+def _keyed_row(spec: _Spec, record: dict[str, Any], number: int) -> tuple[Key, dict[str, Any]]:
+    """The table row of one received record (sanitised, derived columns added) and its key.
+
+    Raises :class:`JsonTooDeep` naming the record's position when it is nested beyond the limit.
+    """
+    try:
+        raw = sanitize_json(record)
+    except JsonTooDeep as exc:
+        raise JsonTooDeep(f"record {number} is {exc}") from None
+    row = spec.derive(raw)  # parts of the sanitised record, or finite scalars derived from it
+    row["raw"] = raw
+    return tuple(row[k] for k in spec.key), row
+
+
+def _too_deep(kind: str, exc: JsonTooDeep) -> SyncError:
+    return SyncError(
+        kind,
+        f"sync of {kind} refused: the response is nested too deeply ({exc}); nothing was written, "
+        f"{registry_table(kind).fullname} keeps its previous rows — fix the file on the RD-Agent side",
+    )
 
 
 def _apply(
     conn: Connection,
     spec: _Spec,
-    rows: dict[Key, dict[str, Any]],
+    batches: Iterable[dict[Key, dict[str, Any]]],
     *,
     now: datetime,
     generated_at_utc: str | None,
     scope: ColumnElement[bool],
 ) -> _Counts:
-    """Upsert ``rows`` and deactivate the active rows within ``scope`` that are not among them.
+    """Upsert the rows batch by batch, then deactivate the active rows within ``scope`` not received.
 
-    The whole table is read (registries hold thousands of rows, not millions) so that a received row
-    stored outside ``scope`` — an artifact now reported under another loop — counts as an update.
+    Each batch looks up only its own keys' stored rows, so memory follows the batch, not the table; a
+    received row stored outside ``scope`` (an artifact now reported under another loop) counts as an
+    update. Every received row leaves with ``last_seen_at = now``: the older active rows in scope are
+    exactly the ones gone upstream.
     """
+    table = spec.table
+    counts = _Counts()
+    for rows in batches:
+        _apply_batch(conn, spec, rows, counts, now=now, generated_at_utc=generated_at_utc)
+        del rows  # released before the next batch is read, so only one is ever held
+    gone = (update(table).where(scope, table.c.active, table.c.last_seen_at < now)
+            .values(active=False, deactivated_at=now))
+    counts.deactivated = conn.execute(gone).rowcount
+    return counts
+
+
+def _stored_rows(conn: Connection, spec: _Spec, keys: list[Key]) -> dict[Key, tuple[dict[str, Any], bool]]:
+    """Content columns and ``active`` of the stored rows with these keys."""
     table = spec.table
     key_cols = [table.c[k] for k in spec.key]
     content = [c.name for c in table.columns if c.name not in rs.TRACKING_COLUMNS]
+    stored: dict[Key, tuple[dict[str, Any], bool]] = {}
+    for start in range(0, len(keys), _KEYS_PER_STATEMENT):  # stay far below PostgreSQL's 65535 binds
+        query = select(*(table.c[c] for c in content), table.c.active).where(
+            tuple_(*key_cols).in_(keys[start:start + _KEYS_PER_STATEMENT]))
+        for row in conn.execute(query).mappings():
+            stored[tuple(row[k] for k in spec.key)] = ({c: row[c] for c in content}, row["active"])
+    return stored
+
+
+def _apply_batch(
+    conn: Connection,
+    spec: _Spec,
+    rows: dict[Key, dict[str, Any]],
+    counts: _Counts,
+    *,
+    now: datetime,
+    generated_at_utc: str | None,
+) -> None:
+    """Insert new rows, rewrite changed or inactive ones, move only ``last_seen_at`` of unchanged ones."""
+    table = spec.table
+    key_cols = [table.c[k] for k in spec.key]
     has_generated = "catalog_generated_at_utc" in table.c
-
-    stored: dict[Key, tuple[dict[str, Any], bool, bool]] = {}
-    query = select(*(table.c[c] for c in content), table.c.active, scope.label("in_scope"))
-    for row in conn.execute(query).mappings():
-        stored[tuple(row[k] for k in spec.key)] = ({c: row[c] for c in content}, row["active"], row["in_scope"])
-
-    counts = _Counts()
+    stored = _stored_rows(conn, spec, list(rows))
     writes: list[dict[str, Any]] = []
+    unchanged: list[Key] = []
     for key, row in rows.items():
         previous = stored.get(key)
         if previous is None:
             counts.inserted += 1
         elif previous[0] == row and previous[1]:
             counts.unchanged += 1
+            unchanged.append(key)
             continue
         else:
             counts.updated += 1
@@ -558,22 +611,12 @@ def _apply(
         stmt = pg_insert(table)
         refreshed = {c: stmt.excluded[c] for c in writes[0] if c not in spec.key and c != "first_seen_at"}
         conn.execute(stmt.on_conflict_do_update(index_elements=key_cols, set_=refreshed), writes)
-
-    absent = [key for key, (_, active, in_scope) in stored.items() if active and in_scope and key not in rows]
-    for start in range(0, len(absent), _KEYS_PER_STATEMENT):  # stay far below PostgreSQL's 65535 binds
-        conn.execute(
-            update(table)
-            .where(table.c.active, tuple_(*key_cols).in_(absent[start:start + _KEYS_PER_STATEMENT]))
-            .values(active=False, deactivated_at=now)
-        )
-    counts.deactivated = len(absent)
-
-    # After the deactivation the active rows in scope are exactly the ones just received.
     seen: dict[str, Any] = {"last_seen_at": now}
     if has_generated:
         seen["catalog_generated_at_utc"] = generated_at_utc
-    conn.execute(update(table).where(scope, table.c.active, table.c.last_seen_at < now).values(**seen))
-    return counts
+    for start in range(0, len(unchanged), _KEYS_PER_STATEMENT):
+        conn.execute(update(table).where(tuple_(*key_cols).in_(unchanged[start:start + _KEYS_PER_STATEMENT]))
+                     .values(**seen))
 
 
 def _write_state(conn: Connection, stats: SyncStats, *, now: datetime, envelope: dict[str, Any] | None) -> None:
@@ -656,10 +699,14 @@ def sync_catalog(engine: Engine, client: RDAgentResultsClient, kind: CatalogName
     else:
         records = response.records
         envelope = {"version": response.version, "source": response.source, **response.envelope_extra}
-    rows, duplicates = merge_duplicates(kind, records)
+    try:
+        rows, duplicates = merge_duplicates(kind, records)
+        envelope = sanitize_json(envelope)
+    except JsonTooDeep as exc:
+        raise _too_deep(kind, exc) from None
 
     def write(conn: Connection, now: datetime) -> SyncStats:
-        counts = _apply(conn, spec, rows, now=now, generated_at_utc=response.generated_at_utc, scope=true())
+        counts = _apply(conn, spec, [rows], now=now, generated_at_utc=response.generated_at_utc, scope=true())
         stats = SyncStats(
             kind=kind,
             published=True,
@@ -697,7 +744,9 @@ def sync_loop_artifacts(
 
     ``loops=None`` means every active loop of ``loop_result`` (a full sync: artifacts of loops that are
     no longer active are deactivated too); an explicit list only touches those loops' artifacts. All
-    loops are fetched before the single transaction starts; one failing loop fails the whole sync.
+    loops are fetched before the single transaction starts, parked on disk (:class:`RowSpool`) and
+    written in bounded batches, so memory does not grow with the number of loops; one failing loop fails
+    the whole sync.
     """
     full = loops is None
     try:
@@ -713,8 +762,38 @@ def sync_loop_artifacts(
                 "nothing was fetched or written",
             )
 
-    records: list[dict[str, Any]] = []
+    t = rs.loop_artifacts
+    if full:
+        scope: ColumnElement[bool] = true()
+    elif wanted:
+        scope = tuple_(t.c.task_run_id, t.c.loop_id).in_(wanted)
+    else:
+        scope = false()
+    with RowSpool() as spool:
+        digests = _spool_loop_artifacts(client, wanted, spool)
+        fingerprint = "sha256:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+        def write(conn: Connection, now: datetime) -> SyncStats:
+            counts = _apply(conn, _SPECS[LOOP_ARTIFACTS], spool.batches(), now=now, generated_at_utc=None,
+                            scope=scope)
+            stats = SyncStats(
+                kind=LOOP_ARTIFACTS,
+                published=True,
+                fingerprint=fingerprint,
+                records=spool.received,
+                duplicates_merged=spool.duplicates,
+                **asdict(counts),
+            )
+            _write_state(conn, stats, now=now, envelope={"loops": len(wanted), "full": full})
+            return stats
+
+        return _transaction(engine, LOOP_ARTIFACTS, write)
+
+
+def _spool_loop_artifacts(client: RDAgentResultsClient, wanted: list[tuple[str, int]], spool: RowSpool) -> list[str]:
+    """Fetch each loop's artifacts into ``spool`` (one loop's listing in memory at a time); their digests."""
     digests: list[str] = []
+    spec = _SPECS[LOOP_ARTIFACTS]
     for task_run_id, loop_id in wanted:
         try:
             answer = client.fetch_loop_artifacts(task_run_id, loop_id)
@@ -727,33 +806,13 @@ def sync_loop_artifacts(
                 f"({answer.task_run_id}, {answer.loop_id}); nothing was written — check the results API",
             )
         digests.append(f"{task_run_id}/{loop_id}:{answer.sha256}")
-        for artifact in answer.artifacts:
-            records.append({**artifact.model_dump(), "task_run_id": task_run_id, "loop_id": loop_id})
-
-    rows, duplicates = merge_duplicates(LOOP_ARTIFACTS, records)
-    fingerprint = "sha256:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
-    t = rs.loop_artifacts
-    if full:
-        scope: ColumnElement[bool] = true()
-    elif wanted:
-        scope = tuple_(t.c.task_run_id, t.c.loop_id).in_(wanted)
-    else:
-        scope = false()
-
-    def write(conn: Connection, now: datetime) -> SyncStats:
-        counts = _apply(conn, _SPECS[LOOP_ARTIFACTS], rows, now=now, generated_at_utc=None, scope=scope)
-        stats = SyncStats(
-            kind=LOOP_ARTIFACTS,
-            published=True,
-            fingerprint=fingerprint,
-            records=len(records),
-            duplicates_merged=duplicates,
-            **asdict(counts),
-        )
-        _write_state(conn, stats, now=now, envelope={"loops": len(wanted), "full": full})
-        return stats
-
-    return _transaction(engine, LOOP_ARTIFACTS, write)
+        try:
+            for artifact in answer.artifacts:
+                record = {**artifact.model_dump(), "task_run_id": task_run_id, "loop_id": loop_id}
+                spool.add(*_keyed_row(spec, record, spool.received + 1))
+        except JsonTooDeep as exc:
+            raise _too_deep(LOOP_ARTIFACTS, exc) from None
+    return digests
 
 
 def sync_all(engine: Engine, client: RDAgentResultsClient, kinds: Iterable[str] | None = None) -> dict[str, SyncStats]:
