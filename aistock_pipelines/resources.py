@@ -57,6 +57,7 @@ class RDAgentResultsApi(ConfigurableResource):
     base_url: str = RESULTS_API_URL
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 15.0
+    request_deadline_s: float = 60.0  # whole request, retries included (a dripping server is cut off)
 
 
 def resources_for(settings: Settings) -> dict[str, ConfigurableResource]:

@@ -49,6 +49,7 @@ from aistock_pipelines.rdagent.results_client import (
     RDAgentResultsClient,
     ResultsApiBadResponse,
     ResultsApiError,
+    ResultsApiOutOfTime,
     ResultsApiUnavailable,
 )
 from aistock_pipelines.rdagent.row_spool import RowSpool
@@ -146,7 +147,8 @@ def poll_fingerprints(
 
     A server that cannot be reached raises :class:`ResultsApiUnavailable` at the first catalog (no
     point trying the others); an unusable body only marks its own catalog. With ``budget_s``, no new
-    request is started once the budget is spent (the remaining kinds are returned in ``not_polled``).
+    request is started once the budget is spent, and a request the client's own ``deadline_at`` cut off
+    ends the poll too (the remaining kinds are returned in ``not_polled``).
     """
     now = clock or time.monotonic
     started = now()
@@ -159,6 +161,8 @@ def poll_fingerprints(
             fingerprints[kind] = catalog_fingerprint(_fetch_envelope(client, kind))
         except ResultsApiBadResponse as exc:
             errors[kind] = str(exc)[:_DETAIL_CHARS]
+        except ResultsApiOutOfTime:  # the caller's deadline, not the server's fault: next time
+            return PollResult(fingerprints, errors, tuple(kinds[index:]))
     return PollResult(fingerprints, errors)
 
 

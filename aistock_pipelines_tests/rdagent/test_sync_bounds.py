@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,9 +16,9 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from aistock_pipelines.rdagent import registry_schema as rs
-from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
+from aistock_pipelines.rdagent.results_client import RDAgentResultsClient, ResultsApiOutOfTime, ResultsApiUnavailable
 from aistock_pipelines.rdagent.sync import SyncAllError, sync_all, sync_loop_artifacts
-from aistock_pipelines_tests.rdagent.fixtures import LOOPBACK
+from aistock_pipelines_tests.rdagent.fixtures import LOOPBACK, Drip
 
 FAST = {"backoff": 0.01, "connect_timeout": 1.0, "read_timeout": 5.0, "retries": 0}
 ENVELOPE = {"version": "v1", "generated_at_utc": "2026-01-14T08:30:12+00:00", "source": "rdagent_tools"}
@@ -132,3 +133,34 @@ def test_artifact_sync_memory_is_flat_in_the_number_of_loops(registry_engine: En
     # Both runs fill more than one write batch. Holding every loop would add 18 loops' parsed listings
     # (several body sizes each); the artifact ids kept to settle duplicates are a few kB.
     assert many - few < 2 * body_bytes, (few, many)
+
+
+# ----------------------------------------------------------------------------------------- deadlines
+@pytest.mark.parametrize("head", [True, False], ids=["body-drips", "headers-drip"])
+def test_a_server_sending_a_byte_every_two_seconds_is_cut_off_at_the_request_deadline(
+    slow_api: Callable[..., str], head: bool
+) -> None:
+    url = slow_api({"/catalog/factors": Drip(catalog_body("factors", {"name": "f", "source": "sota"}), head=head)})
+    started = time.monotonic()
+    # Each byte arrives well within the read timeout: only the whole-request deadline can end this.
+    with RDAgentResultsClient(url, connect_timeout=1.0, read_timeout=5.0, retries=2, backoff=0.1,
+                              request_deadline=3.0) as client:
+        with pytest.raises(ResultsApiUnavailable, match=r"within the 3\.0 s deadline per request") as raised:
+            client.fetch_catalog("factors")
+    elapsed = time.monotonic() - started
+    assert not isinstance(raised.value, ResultsApiOutOfTime)
+    assert 2.9 < elapsed < 4.0, elapsed
+
+
+def test_the_callers_deadline_caps_every_request(slow_api: Callable[..., str]) -> None:
+    body = catalog_body("factors", {"name": "f", "source": "sota"})
+    url = slow_api({"/catalog/factors": Drip(body, pieces=4, pause=0.3)})  # complete after ≈ 1.2 s
+    with RDAgentResultsClient(url, **FAST, request_deadline=10.0, deadline_at=time.monotonic() + 5.0) as client:
+        assert client.fetch_catalog("factors").records == [{"name": "f", "source": "sota"}]
+    started = time.monotonic()
+    with RDAgentResultsClient(url, **FAST, request_deadline=10.0, deadline_at=time.monotonic() + 0.6) as client:
+        with pytest.raises(ResultsApiOutOfTime, match="the caller's time limit"):
+            client.fetch_catalog("factors")
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(ResultsApiOutOfTime, match="not attempted"):
+            client.fetch_catalog("factors")
