@@ -3,19 +3,22 @@
 ``local``: the AIstock database defaults to the embedded server (started on first use, not at load time,
 so ``dagster definitions validate`` stays instant). ``production``: every resource comes from the
 environment (``EnvVar``), so the values Dagster shows and stores are the variable names, never secrets.
+``local`` passes a URL that carries a password as ``EnvVar`` too (:func:`secret_aware`): Dagster shows
+resource config in the UI and stores it in every run's job snapshot.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
 from sqlalchemy.engine import Engine
 
 from aistock_pipelines.conventions import RESULTS_API_URL
-from aistock_pipelines.db import engine_for, libpq_url, redact
+from aistock_pipelines.db import engine_for, libpq_url, passwords, redact
 from aistock_pipelines.embedded_db import resolve_db_url
-from aistock_pipelines.settings import Settings
+from aistock_pipelines.settings import Settings, SettingsError
 
 
 class AIstockDatabase(ConfigurableResource):
@@ -60,6 +63,21 @@ class RDAgentResultsApi(ConfigurableResource):
     request_deadline_s: float = 60.0  # whole request, retries included (a dripping server is cut off)
 
 
+def secret_aware(variable: str, value: str | None) -> str | EnvVar:
+    """``value`` as resource config: itself, or ``EnvVar(variable)`` when it carries a password.
+
+    A password that does not come from ``variable`` has no secret-aware form and is refused.
+    """
+    if value is None or not passwords(value):
+        return value or ""
+    if os.environ.get(variable, "").strip().rstrip("/") == value.rstrip("/"):
+        return EnvVar(variable)
+    raise SettingsError(
+        f"{variable} {redact(value)} carries a password but is not the {variable} environment variable: "
+        f"set it in the environment (Dagster then shows the variable's name, never the password)"
+    )
+
+
 def resources_for(settings: Settings) -> dict[str, ConfigurableResource]:
     """Resources for the deployment named in ``settings``."""
     if settings.deployment == "production":
@@ -69,7 +87,7 @@ def resources_for(settings: Settings) -> dict[str, ConfigurableResource]:
             "rdagent_api": RDAgentResultsApi(base_url=EnvVar("RDAGENT_RESULTS_URL")),
         }
     return {
-        "aistock_db": AIstockDatabase(url=settings.db_url or "", home=str(settings.home)),
+        "aistock_db": AIstockDatabase(url=secret_aware("AISTOCK_DB_URL", settings.db_url), home=str(settings.home)),
         "snapshot_store": SnapshotStore(root=str(settings.snapshot_root)),
-        "rdagent_api": RDAgentResultsApi(base_url=settings.rdagent_results_url),
+        "rdagent_api": RDAgentResultsApi(base_url=secret_aware("RDAGENT_RESULTS_URL", settings.rdagent_results_url)),
     }
