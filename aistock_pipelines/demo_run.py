@@ -60,9 +60,11 @@ def ensure_demo_market(settings: Settings, reseed: bool) -> None:
     with engine.connect() as conn:
         seeded = conn.execute(sa.text("SELECT to_regclass('market.demo_market_info') IS NOT NULL")).scalar()
         real = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": ExportMapping().bars_table}).scalar()
+        # a demo seeded before the index and universe tables existed is seeded anew, so the UI shows them
+        outdated = seeded and not conn.execute(sa.text("SELECT to_regclass('market.index_daily') IS NOT NULL")).scalar()
     if real and not seeded:
         log.info("database %s holds a real market: not seeding", redact(url))
-    elif reseed or not seeded:
+    elif reseed or not seeded or outdated:
         log.info("seeding the demo market into %s", redact(url))
         summary = seed_demo_market(engine, MarketSpec())
         log.info("demo market: %s instruments, %s bars, %s .. %s", summary.instruments, summary.bars,
@@ -167,10 +169,12 @@ def sync_demo_rdagent_results(settings: Settings) -> None:
     result = job.execute_in_process(instance=DagsterInstance.get(), raise_on_error=False)
     if not result.success:
         raise RuntimeError(f"{JOB_NAME} failed against {settings.rdagent_results_url}; see the run in the Dagster UI")
+    counts = ("inserted", "updated", "unchanged", "deactivated")
     for event in result.get_asset_materialization_events():
         meta = event.materialization.metadata
-        log.info("%s: inserted %s, updated %s, unchanged %s, deactivated %s", event.asset_key.to_user_string(),
-                 *(meta[k].value for k in ("inserted", "updated", "unchanged", "deactivated")))
+        if all(k in meta for k in counts):  # the registry listings carry other figures ("not offered", …)
+            log.info("%s: inserted %s, updated %s, unchanged %s, deactivated %s", event.asset_key.to_user_string(),
+                     *(meta[k].value for k in counts))
 
 
 def materialize_demo_snapshots(settings: Settings) -> None:

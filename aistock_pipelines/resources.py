@@ -1,10 +1,12 @@
 """Dagster resources, and the one place that chooses them per deployment.
 
 ``local``: the AIstock database defaults to the embedded server (started on first use, not at load time,
-so ``dagster definitions validate`` stays instant). ``production``: every resource comes from the
-environment (``EnvVar``), so the values Dagster shows and stores are the variable names, never secrets.
-``local`` passes a URL that carries a password as ``EnvVar`` too (:func:`secret_aware`): Dagster shows
-resource config in the UI and stores it in every run's job snapshot.
+so ``dagster definitions validate`` stays instant). ``production``: the database URL, the one secret, comes
+from the environment as an ``EnvVar`` (Dagster shows and stores the variable's name, never the password);
+every other setting is the value :class:`Settings` resolved, defaults included, exactly as in ``local``
+(an ``EnvVar`` of an unset variable would fail every run and sensor tick instead of using the default).
+A URL that carries a password is passed as ``EnvVar`` in every deployment (:func:`secret_aware`): Dagster
+shows resource config in the UI and stores it in every run's job snapshot.
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ def resources_for(settings: Settings) -> dict[str, ConfigurableResource]:
     if settings.deployment == "production":
         return {
             "aistock_db": AIstockDatabase(url=EnvVar("AISTOCK_DB_URL"), home=str(settings.home)),
-            "snapshot_store": SnapshotStore(root=EnvVar("AISTOCK_SNAPSHOT_ROOT")),
-            "rdagent_api": RDAgentResultsApi(base_url=EnvVar("RDAGENT_RESULTS_URL")),
+            "snapshot_store": SnapshotStore(root=str(settings.snapshot_root)),
+            "rdagent_api": RDAgentResultsApi(
+                base_url=secret_aware("RDAGENT_RESULTS_URL", settings.rdagent_results_url)
+            ),
         }
     return {
         "aistock_db": AIstockDatabase(url=secret_aware("AISTOCK_DB_URL", settings.db_url), home=str(settings.home)),

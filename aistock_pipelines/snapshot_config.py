@@ -14,8 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aistock_pipelines.conventions import TS_CODE
+from aistock_pipelines.export.benchmarks import BenchmarksDecl
 from aistock_pipelines.export.mapping import FIELD_MAPPING_DB_DAILY, ExportMapping, FactorTable, FieldSpec, MappingError
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
+from aistock_pipelines.export.market_files import MarketFilesDecl
+from aistock_pipelines.export.universes import UniverseDecl, check_universe_name
 
 
 class SnapshotConfigError(ValueError):
@@ -66,6 +69,7 @@ class MappingDecl(_Strict):
     raw_table: str | None = _DEFAULT_MAPPING.raw_table
     calendar_table: str = _DEFAULT_MAPPING.calendar_table
     fields: dict[str, FieldDecl] = Field(default_factory=dict)  # overrides of FIELD_MAPPING_DB_DAILY
+    missing_raw: Literal["refuse", "nan"] = _DEFAULT_MAPPING.missing_raw
 
 
 class SnapshotLayout(_Strict):
@@ -125,13 +129,26 @@ class SnapshotsFile(_Strict):
     mapping: MappingDecl = Field(default_factory=MappingDecl)
     factor_tables: list[FactorTableDecl] = Field(default_factory=list)
     snapshots: list[SnapshotDecl]
+    universes: dict[str, UniverseDecl] = Field(default_factory=dict)  # instruments/<name>.txt (export/universes.py)
+    benchmarks: BenchmarksDecl | None = None  # index bins (export/benchmarks.py)
+
+    @field_validator("universes")
+    @classmethod
+    def _universe_names(cls, v: dict[str, UniverseDecl]) -> dict[str, UniverseDecl]:
+        for name in v:
+            check_universe_name(name)
+        return v
+
+    def market_files(self) -> MarketFilesDecl:
+        """The universe files and benchmark bins every snapshot holds."""
+        return MarketFilesDecl(dict(self.universes), self.benchmarks)
 
     def export_mapping(self) -> ExportMapping:
         fields = dict(FIELD_MAPPING_DB_DAILY)
         fields.update({k: FieldSpec(v.column, v.scale, v.unit) for k, v in self.mapping.fields.items()})
         return ExportMapping(
             bars_table=self.mapping.bars_table, raw_table=self.mapping.raw_table,
-            calendar_table=self.mapping.calendar_table, fields=fields,
+            calendar_table=self.mapping.calendar_table, fields=fields, missing_raw=self.mapping.missing_raw,
             factor_tables=tuple(FactorTable(t.name, t.table, {k: FieldSpec(v.column, v.scale, v.unit)
                                                              for k, v in t.columns.items()}, t.prefix)
                                 for t in self.factor_tables))

@@ -43,7 +43,7 @@ def _day(value: str | None, what: str) -> date | None:
 
 def adhoc_export_job(config: SnapshotsFile):
     declared = {d.id for d in config.snapshots}
-    mapping = config.export_mapping()
+    mapping, market_files = config.export_mapping(), config.market_files()
 
     @op(name="export_snapshot", pool="adhoc_snapshot_export",
         description="Export one ad-hoc snapshot with the exporter (full or incremental).")
@@ -54,7 +54,7 @@ def adhoc_export_job(config: SnapshotsFile):
                                       f"materialize snapshots/{config.snapshot_id} instead", allow_retries=False)
         start, end = _day(config.start, "start"), _day(config.end, "end")
         try:
-            exporter = build_exporter(aistock_db, snapshot_store, mapping)
+            exporter = build_exporter(aistock_db, snapshot_store, mapping, market_files)
             if config.mode == "full":
                 if start is None:
                     raise Failure(description="mode=full needs start (YYYY-MM-DD)", allow_retries=False)

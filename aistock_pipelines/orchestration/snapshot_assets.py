@@ -33,6 +33,7 @@ from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.db import passwords, scrub
 from aistock_pipelines.export.exporter import DataGateError, DataNotReady, ExportResult, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
+from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError
@@ -59,9 +60,11 @@ def partitions_for(decl: SnapshotDecl) -> DailyPartitionsDefinition:
                                      end_date=(decl.end + timedelta(days=1)).isoformat())
 
 
-def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping) -> QlibDailyExporter:
+def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping,
+                   market_files: MarketFilesDecl = MarketFilesDecl()) -> QlibDailyExporter:
     engine = db.engine()
-    return QlibDailyExporter(DBReader(engine, mapping, db.resolved_url()), SnapshotWriter(store.path), MetaRepo(engine))
+    return QlibDailyExporter(DBReader(engine, mapping, db.resolved_url()), SnapshotWriter(store.path), MetaRepo(engine),
+                             market_files)
 
 
 def run_snapshot_export(exporter: QlibDailyExporter, decl: SnapshotDecl, range_start: date, range_end: date) -> ExportResult | None:
@@ -143,8 +146,8 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, retry_policy: Retr
         range_start = window.start.date()
         range_end = (window.end - timedelta(days=1)).date()
         try:
-            result = run_snapshot_export(build_exporter(aistock_db, snapshot_store, mapping), decl, range_start,
-                                         range_end)
+            exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files())
+            result = run_snapshot_export(exporter, decl, range_start, range_end)
         except DataNotReady as e:
             if SCHEDULE_TAG in context.run.tags:
                 context.log.warning("snapshot %s: %s; retried by the post-close schedule's run", decl.id, e)

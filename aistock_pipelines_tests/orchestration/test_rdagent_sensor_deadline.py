@@ -17,6 +17,7 @@ from aistock_pipelines.orchestration.rdagent_assets import (
     evaluate_results_sensor,
     rdagent_results_sensor,
 )
+from aistock_pipelines.rdagent.sync import LOOP_ARTIFACTS, NOT_OFFERED, NOT_PUBLISHED, POLL_KINDS
 from aistock_pipelines.resources import RDAgentResultsApi
 from aistock_pipelines_tests.rdagent.fixtures import Drip
 
@@ -62,3 +63,27 @@ def test_the_tick_deadline_cuts_a_slow_catalog_and_keeps_what_was_polled(slow_ap
     (request,) = result.run_requests
     assert request.asset_selection == [catalog_asset_key("factors")]
     assert set(json.loads(result.cursor)) == {"factors"}  # strategies and the rest: next tick
+
+
+def test_the_tick_deadline_cuts_the_artifact_poll_and_keeps_the_catalogs_and_listings(
+    slow_api: Callable[..., str]
+) -> None:
+    loops = json.dumps({**ENVELOPE, "loops": [{"task_run_id": "r", "loop_id": n, "workspace_id": "w"} for n in (1, 2)]})
+    at_once = {"pieces": 1, "pause": 0.0}
+    url = slow_api({
+        "/catalog/factors": Drip(FACTORS, **at_once),
+        "/catalog/loops": Drip(loops.encode(), **at_once),
+        "/loops/r/1/artifacts": Drip(b'{"task_run_id": "r", "loop_id": 1, "artifacts": []}', **at_once),
+        "/loops/r/2/artifacts": Drip(b'{"task_run_id": "r", "loop_id": 2, "artifacts": []}'),  # a byte every 2 s
+    })
+    started = time.monotonic()
+    result = evaluate_results_sensor(None, RDAgentResultsApi(base_url=url, read_timeout_s=5.0), tick_deadline_s=3.0)
+    elapsed = time.monotonic() - started
+    print(f"tick cut in the artifact poll after {elapsed:.2f} s")
+    assert isinstance(result, SensorResult), result
+    assert 2.9 < elapsed < 3.6, elapsed
+    cursor = json.loads(result.cursor)
+    assert set(cursor) == set(POLL_KINDS) - {LOOP_ARTIFACTS}  # the artifacts' fingerprint: next tick
+    assert cursor["task_runs"] == NOT_OFFERED and cursor["models"] == NOT_PUBLISHED
+    (request,) = result.run_requests
+    assert catalog_asset_key("loops") in request.asset_selection  # its artifacts are synced with it

@@ -49,17 +49,25 @@ def test_a_deeply_nested_catalog_fails_alone_with_a_sync_error(
         "/catalog/models": (404, {"detail": "model_catalog.json not found"}),
         "/alpha158/meta": {**ENVELOPE, "factors": [{"name": "KMID", "expression": "($close-$open)/$open"}]},
         "/loops/r/1/artifacts": {"task_run_id": "r", "loop_id": 1, "artifacts": []},
+        "/task_runs": [{"task_run_id": "r", "status": "done"}],
+        "/workspaces": json.dumps([{"workspace_id": "w", "payload": "__deep__"}]).replace(
+            '"__deep__"', nested(depth)).encode(),
     }
     api = fake_api(routes)
     with RDAgentResultsClient(api.base_url, **FAST) as client, pytest.raises(SyncAllError) as raised:
         sync_all(registry_engine, client)
-    assert set(raised.value.errors) == {"factors"}
+    assert set(raised.value.errors) == {"factors", "workspaces"}
     message = str(raised.value.errors["factors"])
     assert "nested too deeply" in message and "factor_registry keeps its previous rows" in message
-    assert set(raised.value.results) == {"strategies", "loops", "models", "alpha158", "loop_artifacts"}
+    assert "workspace_registry keeps its previous rows" in str(raised.value.errors["workspaces"])
+    assert set(raised.value.results) == {"strategies", "loops", "models", "alpha158", "loop_artifacts", "task_runs",
+                                         "run_loops"}
+    assert not raised.value.results["run_loops"].published  # /loops not offered: 404
     with registry_engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(rs.strategy_registry)).scalar_one() == 1
+        assert conn.execute(select(func.count()).select_from(rs.task_run_registry)).scalar_one() == 1
         assert conn.execute(select(func.count()).select_from(rs.factor_registry)).scalar_one() == 0
+        assert conn.execute(select(func.count()).select_from(rs.workspace_registry)).scalar_one() == 0
 
 
 # ------------------------------------------------------------------------------------ artifact memory
