@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from aistock_pipelines.conventions import RESULTS_API_HOST, RESULTS_API_PORT
+from aistock_pipelines.release_cli import add_release_commands
 from aistock_pipelines.settings import ENV_VARS, Settings, SettingsError
 
 log = logging.getLogger("aistock_pipelines")
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=3000)
     run.set_defaults(func=cmd_demo_run)
 
-    snapshots = sub.add_parser("snapshots", help="exported snapshots (read-only)")
+    snapshots = sub.add_parser("snapshots", help="exported snapshots: listings, releases, rollback, diff")
     snapshots_sub = snapshots.add_subparsers(dest="snapshots_command", required=True)
     listing = snapshots_sub.add_parser("list", help="declared and exported snapshots: range, size, fields, as-of")
     listing.add_argument("--json", action="store_true")
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = snapshots_sub.add_parser("show", help="one snapshot's meta.json and path")
     show.add_argument("snapshot_id")
     show.set_defaults(func=cmd_snapshots_show)
+    add_release_commands(snapshots_sub)  # release, verify, history, rollback, diff, keep, prune
 
     rdagent = sub.add_parser("rdagent", help="RD-Agent results API: serve a results directory, sync into AIstock")
     rdagent_sub = rdagent.add_subparsers(dest="rdagent_command", required=True)

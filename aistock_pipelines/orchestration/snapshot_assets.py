@@ -39,6 +39,7 @@ from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
+from aistock_pipelines.orchestration.releases import export_diff_metadata
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
@@ -101,6 +102,7 @@ def result_metadata(result: ExportResult) -> dict:
         meta["columns"] = MetadataValue.json(list(frame_preview.columns))
         meta["daily_pv_bytes"] = (result.path / "daily_pv.h5").stat().st_size
         meta["preview"] = MetadataValue.md(frame_preview.iloc[:, :8].to_markdown())  # tabulate ships with dagster
+    meta.update(export_diff_metadata(result))  # what this run changed, against the version it replaced
     return meta
 
 
@@ -146,7 +148,7 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, retry_policy: Retr
         range_start = window.start.date()
         range_end = (window.end - timedelta(days=1)).date()
         try:
-            exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files())
+            exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files(decl.universes))
             result = run_snapshot_export(exporter, decl, range_start, range_end)
         except DataNotReady as e:
             if SCHEDULE_TAG in context.run.tags:
