@@ -10,6 +10,7 @@ runs never write one snapshot (the exporter's file lock is the second line of de
 
 
 import hashlib
+import traceback
 import warnings
 from datetime import date, timedelta
 
@@ -29,7 +30,8 @@ from dagster import (
 )
 
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
-from aistock_pipelines.export.exporter import DataGateError, ExportResult, QlibDailyExporter
+from aistock_pipelines.db import passwords, scrub
+from aistock_pipelines.export.exporter import DataGateError, DataNotReady, ExportResult, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
 from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.meta_repo import MetaRepo
@@ -43,8 +45,13 @@ from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
 # Single-run backfills are the point of these assets; the beta notice would only repeat at every load.
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
-#: Transient failures (database restarts, a day not loaded yet) retry; bad data and bad config do not.
+#: Only a day not loaded yet heals by waiting, and only the post-close schedule's run waits for it (the
+#: vendor may load late); every other error fails at once with its message (:func:`export_failure`).
 SNAPSHOT_RETRY = RetryPolicy(max_retries=3, delay=120, backoff=Backoff.EXPONENTIAL)
+#: The run tag Dagster puts on runs its schedules start.
+SCHEDULE_TAG = "dagster/schedule_name"
+#: Errors whose message is the whole story; anything else is reported with its type.
+_EXPORT_ERRORS = (DataGateError, DataNotReady, MappingError, SnapshotError)
 
 
 def partitions_for(decl: SnapshotDecl) -> DailyPartitionsDefinition:
@@ -99,13 +106,27 @@ def result_metadata(result: ExportResult) -> dict:
     return meta
 
 
+def export_failure(snapshot_id: str, exc: Exception, db_url: str | None) -> Failure:
+    """A Failure that is not retried, carrying the cause's message with any database password masked.
+
+    The cause stays chained (its traceback shows in the run's log) unless its text would show a password.
+    """
+    text = str(exc) if isinstance(exc, _EXPORT_ERRORS) else f"{type(exc).__name__}: {exc}"
+    failure = Failure(description=f"snapshot {snapshot_id}: {scrub(text, db_url)}", allow_retries=False)
+    shown = "".join(traceback.format_exception(exc))
+    failure.__cause__ = None if any(secret in shown for secret in passwords(db_url)) else exc
+    failure.__suppress_context__ = True
+    return failure
+
+
 def declaration_version(decl: SnapshotDecl, mapping: ExportMapping) -> str:
     """Code version of a snapshot asset: its declaration and the mapping, so editing either shows it stale."""
     doc = decl.model_dump_json() + mapping.fingerprint()
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinition:
+def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, retry_policy: RetryPolicy = SNAPSHOT_RETRY
+                   ) -> AssetsDefinition:
     mapping = config.export_mapping()
 
     @asset(
@@ -115,7 +136,7 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinitio
         code_version=declaration_version(decl, mapping),
         partitions_def=partitions_for(decl),
         backfill_policy=BackfillPolicy.single_run(),
-        retry_policy=SNAPSHOT_RETRY,
+        retry_policy=retry_policy,
         pool=f"snapshot_{decl.id}",
         kinds={"hdf5", "qlib"},
         description=f"Qlib/RD-Agent snapshot {decl.id}: {decl.columns} columns, {decl.instruments} names, "
@@ -126,11 +147,16 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinitio
         window = context.partition_time_window
         range_start = window.start.date()
         range_end = (window.end - timedelta(days=1)).date()
-        exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files(decl.universes))
         try:
+            exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files(decl.universes))
             result = run_snapshot_export(exporter, decl, range_start, range_end)
-        except (DataGateError, MappingError, SnapshotError) as e:
-            raise Failure(description=f"snapshot {decl.id}: {e}", allow_retries=False) from e
+        except DataNotReady as e:
+            if SCHEDULE_TAG in context.run.tags:
+                context.log.warning("snapshot %s: %s; retried by the post-close schedule's run", decl.id, e)
+                raise
+            raise export_failure(decl.id, e, aistock_db.url)
+        except Exception as e:  # noqa: BLE001 - waiting heals nothing else: fail now, with the cause
+            raise export_failure(decl.id, e, aistock_db.url)
         if result is None:
             context.log.info("no trading day in %s..%s: nothing to do", range_start, range_end)
             return MaterializeResult(metadata={"mode": "no trading day", "start": range_start.isoformat(),
