@@ -12,7 +12,6 @@ still retrying) fails the run, and its retry policy tries again later.
 
 import json
 from datetime import date
-from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from dagster import (AssetObservation, Backoff, Config, DefaultScheduleStatus, Definitions, Failure, JobDefinition,
@@ -27,7 +26,7 @@ from aistock_pipelines.export.rollback import rollback
 from aistock_pipelines.export.snapshot_diff import diff_folders
 from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.export.versions import SnapshotLocked, SnapshotVersions
-from aistock_pipelines.orchestration.schedules import is_trading_day
+from aistock_pipelines.orchestration.schedules import trading_day_closed
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile, snapshot_name
 
@@ -150,12 +149,9 @@ def release_schedule(decl: SnapshotDecl, target: JobDefinition, calendar_table: 
               execution_timezone=EXCHANGE_TIMEZONE, job=target, default_status=DefaultScheduleStatus.RUNNING,
               description=f"A {kind} release of snapshots/{decl.id} after the close of the period's last trading day.")
     def _release(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
-        today = context.scheduled_execution_time.astimezone(ZoneInfo(EXCHANGE_TIMEZONE)).date()
-        trading = is_trading_day(aistock_db, today, calendar_table)
-        if trading is None:
-            return SkipReason(f"{today} is not in {calendar_table}: extend the trade calendar")
-        if not trading:
-            return SkipReason(f"{today} is not a trading day ({calendar_table})")
+        today = trading_day_closed(context, aistock_db, calendar_table)
+        if isinstance(today, SkipReason):
+            return today
         following = next_trading_day(aistock_db, today, calendar_table)
         if following is None:
             return SkipReason(f"{calendar_table} has no trading day after {today}: extend the trade calendar")

@@ -44,6 +44,18 @@ def is_trading_day(db: AIstockDatabase, day: date, calendar_table: str) -> bool 
         return conn.execute(sa.text(f'SELECT is_trading FROM "{schema}"."{table}" WHERE cal_date = :d'), {"d": day}).scalar()
 
 
+def trading_day_closed(context: ScheduleEvaluationContext, db: AIstockDatabase,
+                       calendar_table: str) -> date | SkipReason:
+    """The exchange-local day of a schedule's tick, or why the tick skips (not a trading day, no calendar)."""
+    today = context.scheduled_execution_time.astimezone(ZoneInfo(EXCHANGE_TIMEZONE)).date()
+    trading = is_trading_day(db, today, calendar_table)
+    if trading is None:
+        return SkipReason(f"{today} is not in {calendar_table}: extend the trade calendar")
+    if not trading:
+        return SkipReason(f"{today} is not a trading day ({calendar_table})")
+    return today
+
+
 def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
     """One schedule per open-ended snapshot (a schedule targets one job; snapshot partitions differ)."""
 
@@ -51,12 +63,9 @@ def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
               execution_timezone=EXCHANGE_TIMEZONE, job=job, default_status=DefaultScheduleStatus.RUNNING,
               description=f"After the close on trading days: today's partition of snapshots/{decl.id}.")
     def _post_close(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
-        today = context.scheduled_execution_time.astimezone(ZoneInfo(EXCHANGE_TIMEZONE)).date()
-        trading = is_trading_day(aistock_db, today, calendar_table)
-        if trading is None:
-            return SkipReason(f"{today} is not in {calendar_table}: extend the trade calendar")
-        if not trading:
-            return SkipReason(f"{today} is not a trading day ({calendar_table})")
+        today = trading_day_closed(context, aistock_db, calendar_table)
+        if isinstance(today, SkipReason):
+            return today
         key = today.isoformat()
         return RunRequest(run_key=f"{decl.id}:{key}", partition_key=key, tags={"aistock/snapshot": decl.id})
 
