@@ -216,7 +216,7 @@ def patch_sorted(block: np.ndarray, index: pd.MultiIndex, columns: list[str], de
     last_row[old_no[is_replaced]] = -1
     rows = np.concatenate([stored, np.arange(n, n + k)])
     at = {c: j for j, c in enumerate(columns)}
-    _change_into(out, at[_close_name(columns)], at[_close_name(columns, "change")], codes1[rows], rows, last_row)
+    _change_into(out, at[close_column(columns)], at[close_column(columns, "change")], codes1[rows], rows, last_row)
     return pd.DataFrame(out, index=make_index(all_dates, codes0, all_names, codes1), columns=columns, copy=False)
 
 
@@ -225,7 +225,7 @@ def _code_type(levels: int) -> type:
     return next(t for t in (np.int8, np.int16, np.int32, np.int64) if levels <= np.iinfo(t).max)
 
 
-def _close_name(columns: list[str], name: str = "close") -> str:
+def close_column(columns: list[str], name: str = "close") -> str:
     """``name`` or ``$name``, whichever the columns use (the stored file's column style)."""
     return name if name in columns else f"${name}"
 

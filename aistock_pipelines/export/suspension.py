@@ -14,7 +14,7 @@ from typing import Collection, Sequence
 import numpy as np
 import pandas as pd
 
-from aistock_pipelines.export.frames import first_last_dates
+from aistock_pipelines.export.frames import close_column, first_last_dates
 from aistock_pipelines.export.stored_snapshot import StoredBlock
 
 _COMPACT_ROWS = 1 << 20  # rows moved per step when suspension rows are dropped in place
@@ -85,8 +85,8 @@ def _spread(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
 def bar_rows(values: np.ndarray, columns: Sequence[str]) -> np.ndarray:
     """Which rows are bars: a bar always has a close (the data gates refuse one without), a suspension row
     never has."""
-    j = [str(c).lstrip("$") for c in columns].index("close")
-    return ~np.isnan(values[:, j])
+    columns = [str(c) for c in columns]
+    return ~np.isnan(values[:, columns.index(close_column(columns))])
 
 
 def without_suspension_rows(stored: StoredBlock) -> StoredBlock:

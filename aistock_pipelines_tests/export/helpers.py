@@ -17,6 +17,7 @@ from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
+from aistock_pipelines.export.suspension import without_suspension_frame
 
 START = date(2021, 1, 4)
 DEMO_MAPPING = ExportMapping(factor_tables=(
@@ -49,8 +50,7 @@ def read_h5(path: Path) -> pd.DataFrame:
 
 def read_bars(path: Path) -> pd.DataFrame:
     """The snapshot's bars: ``daily_pv.h5`` without the NaN rows of suspended days (``suspended_days``)."""
-    frame = read_h5(path)
-    return frame[frame[[c for c in frame.columns if c.lstrip("$") == "close"][0]].notna().to_numpy()]
+    return without_suspension_frame(read_h5(path))
 
 
 def read_bins(path: Path) -> dict[Path, bytes]:

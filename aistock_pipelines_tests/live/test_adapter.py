@@ -26,7 +26,9 @@ from aistock_pipelines.export.exporter import QlibDailyExporter
 from aistock_pipelines.export.gates import DataGateError, DataNotReady
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
+from aistock_pipelines.export.frames import close_column
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
+from aistock_pipelines.export.suspension import without_suspension_frame
 from aistock_pipelines.live import (
     FrameLatestBarProvider,
     InsufficientHistoryError,
@@ -93,15 +95,10 @@ def snapshot_slice(ex: Exported, sid: str, symbols: list[str], now: pd.Timestamp
     names = qlib_format.instrument_names([qlib_format.from_qlib_symbol(s) for s in symbols],
                                          "ts_code" if sid == "demo_allA" else "qlib")
     rows = snap[snap.index.get_level_values("datetime").isin(days) & snap.index.get_level_values("instrument").isin(names)]
-    close = rows[[c for c in rows.columns if c.lstrip("$") == "close"][0]]
+    close = rows[close_column(list(rows.columns))]
     dates = pd.Series(rows.index.get_level_values("datetime"), index=rows.index)
     last_bar = dates.where(close.notna().to_numpy()).groupby(level="instrument").transform("max")
     return rows[(dates <= last_bar).to_numpy()]
-
-
-def bars(frame: pd.DataFrame) -> pd.DataFrame:
-    """A file's bars (its suspension rows dropped)."""
-    return frame[frame[[c for c in frame.columns if c.lstrip("$") == "close"][0]].notna().to_numpy()]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +131,7 @@ def hazards(frame: pd.DataFrame, cal: pd.DatetimeIndex) -> dict[str, list[str]]:
 def random_picks(ex: Exported, sid: str, n: int, seed: int) -> list[tuple[list[str], pd.Timestamp, int]]:
     cal = ex.calendars[sid]
     insts = sorted(set(ex.frames[sid].index.get_level_values("instrument")))
-    special = sorted({code for codes in hazards(bars(ex.frames[sid]), cal).values() for code in codes})
+    special = sorted({code for codes in hazards(without_suspension_frame(ex.frames[sid]), cal).values() for code in codes})
     rng = random.Random(seed)
     picks = []
     while len(picks) < n:
@@ -174,12 +171,12 @@ def test_first_row_change_comes_from_the_previous_bar_not_the_previous_day(base)
     """A window starting right after a suspension: ``change`` of its first row uses the last bar before
     the gap, as the snapshot does; at the snapshot's start (demo_qlib: 2023-01-03) it is NaN."""
     sid = "demo_allA"
-    frame, cal = bars(base.frames[sid]), base.calendars[sid]
+    frame, cal = without_suspension_frame(base.frames[sid]), base.calendars[sid]
     code = hazards(frame, cal)["suspended"][0]
     rows = frame.xs(code, level="instrument")
     gap = np.flatnonzero(np.diff(cal.get_indexer(rows.index)) > 1)[0]
     resume = rows.index[gap + 1]
-    live = bars(base.adapter(sid).get_feature_df([code], resume, 1))
+    live = without_suspension_frame(base.adapter(sid).get_feature_df([code], resume, 1))
     assert live["change"].iloc[0] == rows["change"].iloc[gap + 1] == rows["close"].iloc[gap + 1] / rows["close"].iloc[gap] - 1
     qlib_symbols = sorted(set(base.frames["demo_qlib"].index.get_level_values("instrument")))[:20]
     first = base.adapter("demo_qlib").get_feature_df(qlib_symbols, base.calendars["demo_qlib"][0], 1)
