@@ -107,6 +107,26 @@ def _encode(reply: Any) -> tuple[int, bytes]:
     return status, body
 
 
+class _QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - no request lines in test output
+        pass
+
+
+def _serve(handler: type[BaseHTTPRequestHandler], servers: list[ThreadingHTTPServer]) -> str:
+    """Serve ``handler`` on 127.0.0.1 at an ephemeral port in a daemon thread; its base URL."""
+    server = ThreadingHTTPServer((LOOPBACK, 0), handler)
+    server.daemon_threads = True
+    servers.append(server)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return f"http://{LOOPBACK}:{server.server_address[1]}"
+
+
+def _shutdown(servers: list[ThreadingHTTPServer]) -> None:
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def fake_api() -> Iterator[Callable[[dict[str, Any]], FakeApi]]:
     """Factory: a ThreadingHTTPServer on 127.0.0.1:0 answering by request path.
@@ -121,7 +141,7 @@ def fake_api() -> Iterator[Callable[[dict[str, Any]], FakeApi]]:
         api = FakeApi(base_url="")
         lock = threading.Lock()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(_QuietHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server naming
                 with lock:
                     api.paths.append(self.path)
@@ -139,21 +159,12 @@ def fake_api() -> Iterator[Callable[[dict[str, Any]], FakeApi]]:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client hung up on purpose (body over its cap)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-        server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        server.daemon_threads = True
-        servers.append(server)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        api.base_url = f"http://{LOOPBACK}:{server.server_address[1]}"
+        api.base_url = _serve(Handler, servers)
         return api
 
     yield start
     release.set()
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    _shutdown(servers)
 
 
 @dataclass(frozen=True)
@@ -177,7 +188,7 @@ def slow_api() -> Iterator[Callable[[dict[str, Drip]], str]]:
     servers: list[ThreadingHTTPServer] = []
 
     def start(routes: dict[str, Drip]) -> str:
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(_QuietHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server naming
                 drip = routes.get(self.path)
                 body = drip.body if drip else b'{"detail": "Not Found"}'
@@ -200,17 +211,8 @@ def slow_api() -> Iterator[Callable[[dict[str, Drip]], str]]:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up: what the deadline is for
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-        server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        server.daemon_threads = True
-        servers.append(server)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return f"http://{LOOPBACK}:{server.server_address[1]}"
+        return _serve(Handler, servers)
 
     yield start
     stop.set()
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    _shutdown(servers)
