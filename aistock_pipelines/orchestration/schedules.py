@@ -2,7 +2,8 @@
 
 A custom ``@schedule`` rather than ``build_schedule_from_partitioned_job``: the latter targets the previous
 day for daily partitions and refuses hour/minute on weekday crons. Holidays that fall on
-weekdays are skipped with a reason, read from the database's own trade calendar.
+weekdays are skipped with a reason, read from the database's own trade calendar. On a trading day the
+schedule registers the day as a partition first (its bars may not be loaded yet: the run retries).
 """
 
 
@@ -22,6 +23,7 @@ from dagster import (
 )
 
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
+from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
 from aistock_pipelines.resources import AIstockDatabase
 from aistock_pipelines.snapshot_config import SnapshotsFile
 
@@ -44,13 +46,14 @@ def is_trading_day(db: AIstockDatabase, day: date, calendar_table: str) -> bool 
         return conn.execute(sa.text(f'SELECT is_trading FROM "{schema}"."{table}" WHERE cal_date = :d'), {"d": day}).scalar()
 
 
-def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
+def post_close_schedule(decl, job, config: SnapshotsFile) -> ScheduleDefinition:
     """One schedule per open-ended snapshot (a schedule targets one job; snapshot partitions differ)."""
 
     @schedule(name=f"{job.name.removesuffix('_job')}_post_close", cron_schedule=POST_CLOSE_CRON,
               execution_timezone=EXCHANGE_TIMEZONE, job=job, default_status=DefaultScheduleStatus.RUNNING,
               description=f"After the close on trading days: today's partition of snapshots/{decl.id}.")
     def _post_close(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
+        calendar_table = config.mapping.calendar_table
         today = context.scheduled_execution_time.astimezone(ZoneInfo(EXCHANGE_TIMEZONE)).date()
         trading = is_trading_day(aistock_db, today, calendar_table)
         if trading is None:
@@ -58,6 +61,7 @@ def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
         if not trading:
             return SkipReason(f"{today} is not a trading day ({calendar_table})")
         key = today.isoformat()
+        register_trading_days(context.instance, aistock_db.engine(), config, through=today, only=decl.id)
         return RunRequest(run_key=f"{decl.id}:{key}", partition_key=key, tags={"aistock/snapshot": decl.id})
 
     return _post_close
@@ -65,5 +69,5 @@ def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
 
 def post_close_schedules(config: SnapshotsFile, jobs) -> list[ScheduleDefinition]:
     by_name = {j.name: j for j in jobs}
-    return [post_close_schedule(d, by_name[snapshot_job_name(d.id)], config.mapping.calendar_table)
+    return [post_close_schedule(d, by_name[snapshot_job_name(d.id)], config)
             for d in config.snapshots if d.open_ended]

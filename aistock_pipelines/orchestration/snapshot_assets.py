@@ -1,17 +1,16 @@
 """One partitioned asset per declared snapshot: ``snapshots/<id>``.
 
-Partitions are calendar days in Asia/Shanghai from the snapshot's start (``end_offset=1`` so the post-close
-schedule can target today). Days the trade calendar marks closed are no-ops (a materialization that says
-so), which keeps the partition grid simple while weekends and holidays do no work. A range backfill is
-one run (``BackfillPolicy.single_run``): a range starting at the snapshot's start is the full export,
+Partitions are the trading days of the snapshot's span that have bars (``trading_day_partitions.py``), so
+the UI offers exactly the days there is something to export. A range backfill is one run (``BackfillPolicy.single_run``): a range starting at the snapshot's start is the full export,
 any other range merges into the snapshot with restatement handling. Each snapshot has its own pool, so two
 runs never write one snapshot (the exporter's file lock is the second line of defence).
 """
 
 
 import hashlib
+import logging
 import warnings
-from datetime import date, timedelta
+from datetime import date
 
 import pandas as pd
 from dagster import (
@@ -20,7 +19,6 @@ from dagster import (
     Backoff,
     BetaWarning,
     BackfillPolicy,
-    DailyPartitionsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -28,28 +26,33 @@ from dagster import (
     asset,
 )
 
-from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
-from aistock_pipelines.export.exporter import DataGateError, ExportResult, QlibDailyExporter
+from aistock_pipelines.export.exporter import DataGateError, DataNotReady, ExportResult, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
+from aistock_pipelines.orchestration.trading_day_partitions import TradingDayPartitions
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
 # Single-run backfills are the point of these assets; the beta notice would only repeat at every load.
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 #: Transient failures (database restarts, a day not loaded yet) retry; bad data and bad config do not.
+#: Phase messages for a console following the run (the demo shows them as progress); plain Python logging.
+progress = logging.getLogger("aistock_pipelines.progress")
 SNAPSHOT_RETRY = RetryPolicy(max_retries=3, delay=120, backoff=Backoff.EXPONENTIAL)
 
 
-def partitions_for(decl: SnapshotDecl) -> DailyPartitionsDefinition:
-    if decl.end is None:
-        return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=EXCHANGE_TIMEZONE, end_offset=1)
-    return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=EXCHANGE_TIMEZONE,
-                                     end_date=(decl.end + timedelta(days=1)).isoformat())
+def partitions_for(decl: SnapshotDecl, register=None) -> TradingDayPartitions:
+    """The snapshot's trading days; ``register`` (the code location's) registers them when asked for a key."""
+    return TradingDayPartitions(decl.id, register)
+
+
+def scheduled(context: AssetExecutionContext) -> bool:
+    """A run of the post-close schedule: the only one that waits (retries) for a day's bars to arrive."""
+    return "dagster/schedule_name" in context.run.tags
 
 
 def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping) -> QlibDailyExporter:
@@ -100,7 +103,7 @@ def declaration_version(decl: SnapshotDecl, mapping: ExportMapping) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinition:
+def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register=None) -> AssetsDefinition:
     mapping = config.export_mapping()
 
     @asset(
@@ -108,7 +111,7 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinitio
         group_name="snapshots",
         deps=[DAILY_FEATURES_KEY],
         code_version=declaration_version(decl, mapping),
-        partitions_def=partitions_for(decl),
+        partitions_def=partitions_for(decl, register),
         backfill_policy=BackfillPolicy.single_run(),
         retry_policy=SNAPSHOT_RETRY,
         pool=f"snapshot_{decl.id}",
@@ -118,23 +121,29 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile) -> AssetsDefinitio
         metadata={"declaration": MetadataValue.json(decl.model_dump(mode="json"))},
     )
     def _snapshot(context: AssetExecutionContext, aistock_db: AIstockDatabase, snapshot_store: SnapshotStore) -> MaterializeResult:
-        window = context.partition_time_window
-        range_start = window.start.date()
-        range_end = (window.end - timedelta(days=1)).date()
+        keys = context.partition_key_range
+        range_start, range_end = date.fromisoformat(keys.start), date.fromisoformat(keys.end)
         exporter = build_exporter(aistock_db, snapshot_store, mapping)
+        progress.info("exporting %s..%s", range_start, range_end)
         try:
             result = run_snapshot_export(exporter, decl, range_start, range_end)
         except (DataGateError, MappingError, SnapshotError) as e:
+            raise Failure(description=f"snapshot {decl.id}: {e}", allow_retries=False) from e
+        except DataNotReady as e:
+            if scheduled(context):
+                raise  # the post-close run retries: the vendor's load may still be under way
             raise Failure(description=f"snapshot {decl.id}: {e}", allow_retries=False) from e
         if result is None:
             context.log.info("no trading day in %s..%s: nothing to do", range_start, range_end)
             return MaterializeResult(metadata={"mode": "no trading day", "start": range_start.isoformat(),
                                                "end": range_end.isoformat()})
         context.log.info("snapshot %s: %s, %s rows, %s restated", decl.id, result.mode, result.rows, len(result.restated))
+        progress.info("%s export: %s rows written; recording the partitions, then the checks", result.mode,
+                      f"{result.rows:,}")
         return MaterializeResult(metadata=result_metadata(result))
 
     return _snapshot
 
 
-def snapshot_assets(config: SnapshotsFile) -> list[AssetsDefinition]:
-    return [snapshot_asset(decl, config) for decl in config.snapshots]
+def snapshot_assets(config: SnapshotsFile, register=None) -> list[AssetsDefinition]:
+    return [snapshot_asset(decl, config, register) for decl in config.snapshots]

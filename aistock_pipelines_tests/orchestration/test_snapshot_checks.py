@@ -20,6 +20,9 @@ from aistock_pipelines.definitions import build_definitions
 from aistock_pipelines.orchestration.adhoc_export import JOB_NAME as ADHOC_JOB
 from aistock_pipelines.orchestration.market_assets import OBSERVE_JOB
 from aistock_pipelines.orchestration.snapshot_checks import CHECKS
+from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
+from aistock_pipelines.snapshot_config import load_snapshots_file
+from aistock_pipelines_tests.helpers import disposing_engine
 from aistock_pipelines.settings import Settings
 
 pytestmark = pytest.mark.db
@@ -44,7 +47,10 @@ def exported(world):
     url, root, defs = world
     asset = defs.get_assets_def(QLIB)
     checks = [c for c in defs.asset_checks if QLIB in {k.asset_key for k in c.check_keys}]
-    result = materialize([asset, *checks], resources=defs.resources, instance=DagsterInstance.ephemeral(), tags=RANGE)
+    instance = DagsterInstance.ephemeral()
+    with disposing_engine(url) as engine:
+        register_trading_days(instance, engine, load_snapshots_file(Settings.from_env().snapshots_file))
+    result = materialize([asset, *checks], resources=defs.resources, instance=instance, tags=RANGE)
     return result
 
 
@@ -167,6 +173,8 @@ def test_adhoc_export_job(world):
     assert list(frame.columns)[:4] == ["$open", "$high", "$low", "$close"] and frame.dtypes.unique().tolist() == [np.float32]
     output_md = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"][0].event_specific_data.metadata
     assert output_md["rows"].value == len(frame) and output_md["mode"].value == "full"
+    assert output_md["checks_passed"].value == f"{len(CHECKS)}/{len(CHECKS)}"  # the snapshot checks ran too
+    assert {output_md[f"check_{name}"].value for name in CHECKS} == {"passed"}
 
     # again without overwrite: refused, the snapshot untouched
     again = job.execute_in_process(run_config=config, instance=instance, resources=defs.resources, raise_on_error=False)
