@@ -221,6 +221,24 @@ def sync_demo_rdagent_results(settings: Settings, console: StepConsole) -> None:
                   + checks_summary(result.get_asset_check_evaluations()))
 
 
+def materialize_market_view(settings: Settings, console: StepConsole) -> None:
+    """Observe the source tables and publish ``market/daily_features``, the snapshots' upstream, so the UI
+    shows them materialized (and launching a snapshot asks no question about a missing upstream)."""
+    from dagster import DagsterInstance, materialize
+
+    from aistock_pipelines.definitions import build_definitions
+    from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY, OBSERVE_JOB
+
+    with console.step("market view") as step:
+        defs, instance = build_definitions(settings), DagsterInstance.get()
+        observed = defs.resolve_job_def(OBSERVE_JOB).execute_in_process(instance=instance, run_config=QUIET_RUN)
+        view = materialize([defs.get_assets_def(DAILY_FEATURES_KEY)], instance=instance, resources=defs.resources,
+                           run_config=QUIET_RUN)
+        md = view.asset_materializations_for_node("market__daily_features")[0].metadata
+        sources = len([e for e in observed.all_events if e.event_type_value == "ASSET_OBSERVATION"])
+        step.done(f"{sources} source tables observed; {md['view'].value} with {md['column_count'].value} columns")
+
+
 def checks_summary(evaluations) -> str:
     """``6/6 checks passed`` or which failed."""
     failed = [e.check_name for e in evaluations if not e.passed]
@@ -247,8 +265,9 @@ def materialize_demo_snapshots(settings: Settings, console: StepConsole) -> None
     try:
         with console.step("trading days") as step:
             changes = register_trading_days(instance, engine, config)
+            last = max((c.last_loaded for c in changes.values() if c.last_loaded), default=None)
             step.done(", ".join(f"{sid}: {len(instance.get_dynamic_partitions(partitions_name(sid)))} partitions"
-                                for sid in changes) + f" (bars up to {next(iter(changes.values())).last_loaded})")
+                                for sid in changes) + f" (bars up to {last})")
         for decl in config.snapshots:
             keys = list(instance.get_dynamic_partitions(partitions_name(decl.id)))
             with console.step(f"snapshot {decl.id}", poll=copy_progress(engine)) as step:
@@ -300,7 +319,7 @@ class _ProgressHandler(logging.Handler):
 
 def demo_steps() -> list:
     """The demo's steps after the market is seeded and the results API runs, in order."""
-    return [sync_demo_rdagent_results, materialize_demo_snapshots]
+    return [sync_demo_rdagent_results, materialize_market_view, materialize_demo_snapshots]
 
 
 # ---------------------------------------------------------------------------------------------- the UI
@@ -322,25 +341,30 @@ def serve_ui(settings: Settings, dagster_home: Path, port: int, console: StepCon
     It runs in the Dagster home (so the repository's production ``dagster.yaml`` is not in its current
     folder) and in a session of its own, so that stopping it reaches every process it started.
     """
-    pid_file = settings.home / "demo.pid"
-    proc = subprocess.Popen(ui_command(port), cwd=dagster_home, start_new_session=True)
+    pid_file, log_path = settings.home / "demo.pid", dagster_home / "ui.log"
+    with log_path.open("ab") as ui_log:  # the services' and their runs' own logs; the console keeps the steps
+        proc = subprocess.Popen(ui_command(port), cwd=dagster_home, start_new_session=True, stdout=ui_log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     pid_file.write_text(f"{os.getpid()}\n")
     try:
         with console.step("Dagster UI") as step:
             step.progress(f"starting on http://127.0.0.1:{port}")
-            wait_until_serving(proc, port)
-            step.done(f"http://127.0.0.1:{port} — Ctrl-C or SIGTERM (aistock-pipelines stop) stops the demo")
+            wait_until_serving(proc, port, log_path)
+            step.done(f"http://127.0.0.1:{port} (its log: {log_path}) — Ctrl-C or SIGTERM "
+                      "(aistock-pipelines stop) stops the demo")
         return proc.wait()
     finally:
         stop_process_group(proc)
         pid_file.unlink(missing_ok=True)
 
 
-def wait_until_serving(proc: subprocess.Popen, port: int) -> None:
+def wait_until_serving(proc: subprocess.Popen, port: int, log_path: Path) -> None:
     deadline = time.monotonic() + UI_READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the Dagster UI exited with code {proc.returncode} (port {port} taken?)")
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"the Dagster UI exited with code {proc.returncode} (port {port} taken?): "
+                               + " | ".join(tail))
         try:
             if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=2).status_code == 200:
                 return

@@ -1,8 +1,8 @@
 """One partitioned asset per declared snapshot: ``snapshots/<id>``.
 
 Partitions are the trading days of the snapshot's span that have bars (``trading_day_partitions.py``), so
-the UI offers exactly the days there is something to export. A range backfill is one run (``BackfillPolicy.single_run``): a range starting at the snapshot's start is the full export,
-any other range merges into the snapshot with restatement handling. Each snapshot has its own pool, so two
+the UI offers exactly the days there is something to export. A range backfill is one run
+(``BackfillPolicy.single_run``): a range starting at the snapshot's start is the full export, any other range merges into the snapshot with restatement handling. Each snapshot has its own pool, so two
 runs never write one snapshot (the exporter's file lock is the second line of defence).
 """
 
@@ -33,19 +33,19 @@ from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
-from aistock_pipelines.orchestration.trading_day_partitions import TradingDayPartitions
+from aistock_pipelines.orchestration.trading_day_partitions import Register, TradingDayPartitions
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
 # Single-run backfills are the point of these assets; the beta notice would only repeat at every load.
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
-#: Transient failures (database restarts, a day not loaded yet) retry; bad data and bad config do not.
 #: Phase messages for a console following the run (the demo shows them as progress); plain Python logging.
 progress = logging.getLogger("aistock_pipelines.progress")
+#: Transient failures (database restarts, a day not loaded yet) retry; bad data and bad config do not.
 SNAPSHOT_RETRY = RetryPolicy(max_retries=3, delay=120, backoff=Backoff.EXPONENTIAL)
 
 
-def partitions_for(decl: SnapshotDecl, register=None) -> TradingDayPartitions:
+def partitions_for(decl: SnapshotDecl, register: Register | None = None) -> TradingDayPartitions:
     """The snapshot's trading days; ``register`` (the code location's) registers them when asked for a key."""
     return TradingDayPartitions(decl.id, register)
 
@@ -97,13 +97,23 @@ def result_metadata(result: ExportResult) -> dict:
     return meta
 
 
+def partition_range(context: AssetExecutionContext) -> tuple[date, date]:
+    """The run's first and last day (a key added by hand in the UI may be no day at all)."""
+    keys = context.partition_key_range
+    try:
+        return date.fromisoformat(keys.start), date.fromisoformat(keys.end)
+    except ValueError:
+        raise Failure(description=f"partition keys {keys.start}..{keys.end} are not days (YYYY-MM-DD)",
+                      allow_retries=False) from None
+
+
 def declaration_version(decl: SnapshotDecl, mapping: ExportMapping) -> str:
     """Code version of a snapshot asset: its declaration and the mapping, so editing either shows it stale."""
     doc = decl.model_dump_json() + mapping.fingerprint()
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register=None) -> AssetsDefinition:
+def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register: Register | None = None) -> AssetsDefinition:
     mapping = config.export_mapping()
 
     @asset(
@@ -121,8 +131,7 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register=None) -> 
         metadata={"declaration": MetadataValue.json(decl.model_dump(mode="json"))},
     )
     def _snapshot(context: AssetExecutionContext, aistock_db: AIstockDatabase, snapshot_store: SnapshotStore) -> MaterializeResult:
-        keys = context.partition_key_range
-        range_start, range_end = date.fromisoformat(keys.start), date.fromisoformat(keys.end)
+        range_start, range_end = partition_range(context)
         exporter = build_exporter(aistock_db, snapshot_store, mapping)
         progress.info("exporting %s..%s", range_start, range_end)
         try:
@@ -145,5 +154,5 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register=None) -> 
     return _snapshot
 
 
-def snapshot_assets(config: SnapshotsFile, register=None) -> list[AssetsDefinition]:
+def snapshot_assets(config: SnapshotsFile, register: Register | None = None) -> list[AssetsDefinition]:
     return [snapshot_asset(decl, config, register) for decl in config.snapshots]

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from dagster import (
@@ -33,12 +34,13 @@ from dagster import (
     sensor,
 )
 
+from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.embedded_db import resolve_db_url
 from aistock_pipelines.resources import AIstockDatabase
 from aistock_pipelines.settings import Settings
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
-from aistock_pipelines.trading_days import offered_days, partition_plan
+from aistock_pipelines.trading_days import offered_days, open_days, partition_plan
 
 log = logging.getLogger(__name__)
 SENSOR_NAME = "snapshot_trading_days"
@@ -61,14 +63,35 @@ class DayChanges:
 
 def day_changes(conn: sa.Connection, registered: list[str], decl: SnapshotDecl, config: SnapshotsFile,
                 through: date | None = None) -> DayChanges:
-    """The changes that make ``registered`` the days ``decl`` offers; registered days after the last loaded
-    one stay while the calendar has them open (the post-close run registered them, their bars are due)."""
-    last_registered = max((date.fromisoformat(k) for k in registered), default=None)
-    due = max((d for d in (through, last_registered) if d is not None), default=None)
-    offered = offered_days(conn, config.export_mapping(), decl.start, decl.end, due)
+    """The changes that make ``registered`` the days ``decl`` offers. A registered day after the last loaded
+    one stays while the calendar has it open and it is not in the future (the post-close run registered it:
+    its bars are due); anything else (a key added by hand in the UI: a weekend, a typo) is dropped."""
+    mapping = config.export_mapping()
+    offered = offered_days(conn, mapping, decl.start, decl.end, through)
     keys = [d.isoformat() for d in offered.days]
+    pending = sorted(d for d in map(_as_day, registered) if d is not None and (not keys or d.isoformat() > keys[-1])
+                     and decl.start <= d <= min(decl.end or date.max, exchange_today()))
+    if pending:
+        keys += [d.isoformat() for d in open_days(conn, mapping, pending[0], pending[-1]) if d in set(pending)]
     delete, add = partition_plan(registered, keys)
     return DayChanges(partitions_name(decl.id), delete, add, offered.last_loaded)
+
+
+def _as_day(key: str) -> date | None:
+    """The day a key names, if it is one in ``YYYY-MM-DD`` form."""
+    try:
+        day = date.fromisoformat(key)
+    except ValueError:
+        return None
+    return day if day.isoformat() == key else None
+
+
+def exchange_today() -> date:
+    return datetime.now(ZoneInfo(EXCHANGE_TIMEZONE)).date()
+
+
+#: Registers one snapshot's trading days in an instance (the code location's: :class:`SettingsRegistrar`).
+Register = Callable[[DagsterInstance, str], DayChanges]
 
 
 def register_trading_days(instance: DagsterInstance, engine: sa.Engine, config: SnapshotsFile,
@@ -92,7 +115,7 @@ class TradingDayPartitions(DynamicPartitionsDefinition):
     """The named dynamic partitions of one snapshot; asked for a key it lacks, with an instance at hand and
     a ``register`` callback, it registers the snapshot's trading days first (once per missing key)."""
 
-    def __new__(cls, snapshot_id: str, register: Callable[[DagsterInstance, str], DayChanges] | None = None):
+    def __new__(cls, snapshot_id: str, register: Register | None = None):
         partitions = super().__new__(cls, name=partitions_name(snapshot_id))
         partitions._snapshot_id, partitions._register = snapshot_id, register
         return partitions

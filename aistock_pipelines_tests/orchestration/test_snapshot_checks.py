@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+from dagster import AssetCheckKey, AssetKey, AssetSelection, DagsterInstance, materialize
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from aistock_pipelines.cli import main
 from aistock_pipelines.definitions import build_definitions
@@ -210,6 +211,11 @@ def test_cli_partition_range_and_snapshot_listing(world, tmp_path, monkeypatch, 
     meta = json.loads((root / "demo_qlib" / "meta.json").read_text())
     assert meta["end"] == "2024-03-29"
     assert len(list((tmp_path / "history" / "runs").glob("*-*.db"))) == 1  # one run-id database: one run for the range
+    with DagsterInstance.from_config(str(tmp_path)) as instance:  # the checks ran in that run
+        executions = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [AssetCheckKey(QLIB, name) for name in CHECKS])
+    assert {e.status for e in executions.values()} == {AssetCheckExecutionRecordStatus.SUCCEEDED}
+    assert len(executions) == len(CHECKS)
 
     for name, value in {"AISTOCK_DB_URL": url, "AISTOCK_SNAPSHOT_ROOT": str(root)}.items():
         monkeypatch.setenv(name, value)
