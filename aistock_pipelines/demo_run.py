@@ -61,6 +61,10 @@ telemetry:
 class DemoStopped(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: unwind, stopping what the demo started."""
 
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.at = time.monotonic()
+
 
 def stop_on_signals() -> None:
     """Ctrl-C and SIGTERM both stop the demo — also when a shell started it in the background, where SIGINT
@@ -175,7 +179,8 @@ def run_demo(settings: Settings, serve: bool = True, reseed: bool = False, port:
                 return 0
             return serve_ui(settings, dagster_home, port, console)
     except DemoStopped as e:
-        console.line(f"{PREFIX} stopped ({e}): the UI, the results API and the database this run started")
+        console.line(f"{PREFIX} stopped ({e}): the UI, the results API and the database this run started "
+                     f"({time.monotonic() - e.at:.1f} s)")
         return 0
 
 

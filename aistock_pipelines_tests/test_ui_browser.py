@@ -22,6 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from aistock_pipelines_tests.helpers import processes_of
+
 pytestmark = [pytest.mark.db, pytest.mark.slow, pytest.mark.browser]
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,27 +35,14 @@ SNAPSHOT = "demo_allA"
 DEMO_SIZE = ["--instruments", "24", "--days", "45"]  # 2021-01-04 .. early March: Spring Festival inside
 HOLIDAY = "2021-02-11"  # a Thursday the exchange was closed
 UI_TIMEOUT_S = 600
+CHECK_NAMES = ("index_unique_sorted", "ohlc_sane", "calendar_matches_trade_calendar", "row_parity_with_database",
+               "bins_match_h5", "rdagent_folders_clean")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def processes_of(marker: str) -> list[str]:
-    """Processes whose command line or environment names ``marker`` (this test's own folder)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if int(pid) != os.getpid() and (marker.encode() in cmdline or marker.encode() in environ):
-            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{pid}: {command[:160]}")
-    return found
 
 
 def wait_for_line(log: Path, proc: subprocess.Popen, pattern: str, timeout: float) -> str:
@@ -170,7 +159,7 @@ def test_materialize_one_partition_from_the_ui(demo, page):
     open_asset(page, demo["url"], f"snapshots/{SNAPSHOT}", "partitions")
     page.get_by_text("Materialized (").wait_for()
     page.get_by_role("button", name="Materialize").first.click()
-    dialog = page.get_by_role("dialog")
+    dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize")
     dialog.get_by_text("Select a partition or create one").click()
     page.keyboard.type(key)
     page.get_by_role("menuitem", name=key).click()
@@ -189,13 +178,15 @@ def test_materialize_one_partition_from_the_ui(demo, page):
         page.wait_for_timeout(3_000)
         page.reload(wait_until="domcontentloaded")
 
+    page.get_by_text(f"snapshot_{SNAPSHOT}_checks").first.wait_for()  # the run's steps: the asset, then its checks
+
     open_asset(page, demo["url"], f"snapshots/{SNAPSHOT}", "checks")
-    for name in ("index_unique_sorted", "ohlc_sane", "calendar_matches_trade_calendar", "row_parity_with_database",
-                 "bins_match_h5", "rdagent_folders_clean"):
-        page.get_by_text(name).first.wait_for()
-    body = page.inner_text("body")
-    assert body.count("Passed") >= 6 and "Failed" not in body
-    assert page.locator(f"a[href*='{run_id[:8]}']").count() >= 1 or run_id[:8] in body  # evaluated by our run
+    page.get_by_text("Checks (6)").wait_for()
+    page.get_by_text("Passed").first.wait_for()
+    checks = page.inner_text("body")
+    assert checks.count("Succeeded") == 6 and "Failed" not in checks, checks
+    html = page.content()
+    assert all(name in html for name in CHECK_NAMES)
 
 
 def test_rdagent_assets_show_their_metadata(demo, page):
@@ -214,7 +205,7 @@ def test_stop_leaves_nothing_running(demo):
     proc, marker = demo["proc"], str(demo["home"])
     assert processes_of(marker), "the demo should be running before it is stopped"
     stop = subprocess.run([str(Path(sys.executable).parent / "aistock-pipelines"), "stop"], env=demo["env"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=180)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert "demo (pid" in stop.stdout and "stopped" in stop.stdout
     assert proc.wait(timeout=60) == 0
