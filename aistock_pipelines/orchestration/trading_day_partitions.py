@@ -69,10 +69,10 @@ def day_changes(conn: sa.Connection, registered: list[str], decl: SnapshotDecl, 
     mapping = config.export_mapping()
     offered = offered_days(conn, mapping, decl.start, decl.end, through)
     keys = [d.isoformat() for d in offered.days]
-    pending = sorted(d for d in map(_as_day, registered) if d is not None and (not keys or d.isoformat() > keys[-1])
-                     and decl.start <= d <= min(decl.end or date.max, exchange_today()))
+    last_offered, latest = (keys[-1] if keys else ""), min(decl.end or date.max, exchange_today())
+    pending = {d for d in map(_as_day, registered) if d and d.isoformat() > last_offered and decl.start <= d <= latest}
     if pending:
-        keys += [d.isoformat() for d in open_days(conn, mapping, pending[0], pending[-1]) if d in set(pending)]
+        keys += [d.isoformat() for d in open_days(conn, mapping, min(pending), max(pending)) if d in pending]
     delete, add = partition_plan(registered, keys)
     return DayChanges(partitions_name(decl.id), delete, add, offered.last_loaded)
 
