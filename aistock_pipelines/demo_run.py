@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 from contextlib import ExitStack
-from datetime import date
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -127,9 +126,11 @@ def ensure_demo_market(settings: Settings, reseed: bool, step: Step | None = Non
     with engine.connect() as conn:
         seeded = conn.execute(sa.text("SELECT to_regclass('market.demo_market_info') IS NOT NULL")).scalar()
         real = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": ExportMapping().bars_table}).scalar()
+        # a demo seeded before the index and universe tables existed is seeded anew, so the UI shows them
+        outdated = seeded and not conn.execute(sa.text("SELECT to_regclass('market.index_daily') IS NOT NULL")).scalar()
     if real and not seeded:
         message = f"database {redact(url)} holds a real market: not seeding"
-    elif reseed or not seeded:
+    elif reseed or not seeded or outdated:
         if step is not None:
             step.progress(f"seeding {spec.n_instruments} instruments × {spec.n_trading_days} trading days")
             step.poll = copy_progress(engine)
@@ -219,7 +220,9 @@ def sync_demo_rdagent_results(settings: Settings, console: StepConsole) -> None:
         if not result.success:
             raise RuntimeError(f"{JOB_NAME} failed against {settings.rdagent_results_url}; see run {result.run_id} "
                                "in the Dagster UI")
-        counts = [e.materialization.metadata for e in result.get_asset_materialization_events()]
+        metas = [e.materialization.metadata for e in result.get_asset_materialization_events()]
+        # only the catalogs report row counts; the registry listings carry other figures ("not offered", …)
+        counts = [m for m in metas if "inserted" in m and "updated" in m]
         inserted = sum(m["inserted"].value for m in counts)
         updated = sum(m["updated"].value for m in counts)
         step.done(f"{len(counts)} catalogs, {inserted} rows inserted, {updated} updated; "

@@ -1,8 +1,10 @@
 """Dagster resources, and the one place that chooses them per deployment.
 
 ``local``: the AIstock database defaults to the embedded server (started on first use, not at load time,
-so ``dagster definitions validate`` stays instant). ``production``: every resource comes from the
-environment (``EnvVar``), so the values Dagster shows and stores are the variable names, never secrets.
+so ``dagster definitions validate`` stays instant). ``production``: the database URL, the one secret, comes
+from the environment as an ``EnvVar`` (Dagster shows and stores the variable's name, never the password);
+every other setting is the value :class:`Settings` resolved, defaults included, exactly as in ``local``
+(an ``EnvVar`` of an unset variable would fail every run and sensor tick instead of using the default).
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def resources_for(settings: Settings) -> dict[str, ConfigurableResource]:
     if settings.deployment == "production":
         return {
             "aistock_db": AIstockDatabase(url=EnvVar("AISTOCK_DB_URL"), home=str(settings.home)),
-            "snapshot_store": SnapshotStore(root=EnvVar("AISTOCK_SNAPSHOT_ROOT")),
-            "rdagent_api": RDAgentResultsApi(base_url=EnvVar("RDAGENT_RESULTS_URL")),
+            "snapshot_store": SnapshotStore(root=str(settings.snapshot_root)),
+            "rdagent_api": RDAgentResultsApi(base_url=settings.rdagent_results_url),
         }
     return {
         "aistock_db": AIstockDatabase(url=settings.db_url or "", home=str(settings.home)),

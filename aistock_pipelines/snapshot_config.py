@@ -13,12 +13,34 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from aistock_pipelines.conventions import TS_CODE
+from aistock_pipelines.export.benchmarks import BenchmarksDecl
 from aistock_pipelines.export.mapping import FIELD_MAPPING_DB_DAILY, ExportMapping, FactorTable, FieldSpec, MappingError
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
+from aistock_pipelines.export.market_files import MarketFilesDecl
+from aistock_pipelines.export.universes import UniverseDecl, check_universe_name
 
 
 class SnapshotConfigError(ValueError):
     pass
+
+
+class _TextDatesLoader(yaml.SafeLoader):
+    """YAML without implicit timestamps: dates stay text for pydantic, whose errors name the key.
+
+    PyYAML's own date constructor raises a bare ``ValueError`` (``2023-02-30``) naming no key at all.
+    """
+
+
+_TextDatesLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def snapshot_name(snapshot_id: str) -> str:
+    """The id as it appears in Dagster names (jobs, schedules, checks): ``-`` becomes ``_``."""
+    return snapshot_id.replace("-", "_")
 
 
 class _Strict(BaseModel):
@@ -47,6 +69,7 @@ class MappingDecl(_Strict):
     raw_table: str | None = _DEFAULT_MAPPING.raw_table
     calendar_table: str = _DEFAULT_MAPPING.calendar_table
     fields: dict[str, FieldDecl] = Field(default_factory=dict)  # overrides of FIELD_MAPPING_DB_DAILY
+    missing_raw: Literal["refuse", "nan"] = _DEFAULT_MAPPING.missing_raw
 
 
 class SnapshotLayout(_Strict):
@@ -74,6 +97,14 @@ class _SnapshotIdentity(_Strict):
     end: date | None = None
     universe: Literal["all"] | list[str] = "all"
 
+    @field_validator("universe")
+    @classmethod
+    def _codes_well_formed(cls, v: Literal["all"] | list[str]) -> Literal["all"] | list[str]:
+        bad = [code for code in v if not TS_CODE.match(code)] if isinstance(v, list) else []
+        if bad:
+            raise ValueError(f"malformed ts_code(s) {bad[:5]}: expected e.g. 000001.SZ, 600000.SH, 430047.BJ")
+        return v
+
 
 class SnapshotDecl(SnapshotLayout, _SnapshotIdentity):
     """One declared snapshot: identity and range first, then the layout (field order is the stored JSON's)."""
@@ -98,13 +129,26 @@ class SnapshotsFile(_Strict):
     mapping: MappingDecl = Field(default_factory=MappingDecl)
     factor_tables: list[FactorTableDecl] = Field(default_factory=list)
     snapshots: list[SnapshotDecl]
+    universes: dict[str, UniverseDecl] = Field(default_factory=dict)  # instruments/<name>.txt (export/universes.py)
+    benchmarks: BenchmarksDecl | None = None  # index bins (export/benchmarks.py)
+
+    @field_validator("universes")
+    @classmethod
+    def _universe_names(cls, v: dict[str, UniverseDecl]) -> dict[str, UniverseDecl]:
+        for name in v:
+            check_universe_name(name)
+        return v
+
+    def market_files(self) -> MarketFilesDecl:
+        """The universe files and benchmark bins every snapshot holds."""
+        return MarketFilesDecl(dict(self.universes), self.benchmarks)
 
     def export_mapping(self) -> ExportMapping:
         fields = dict(FIELD_MAPPING_DB_DAILY)
         fields.update({k: FieldSpec(v.column, v.scale, v.unit) for k, v in self.mapping.fields.items()})
         return ExportMapping(
             bars_table=self.mapping.bars_table, raw_table=self.mapping.raw_table,
-            calendar_table=self.mapping.calendar_table, fields=fields,
+            calendar_table=self.mapping.calendar_table, fields=fields, missing_raw=self.mapping.missing_raw,
             factor_tables=tuple(FactorTable(t.name, t.table, {k: FieldSpec(v.column, v.scale, v.unit)
                                                              for k, v in t.columns.items()}, t.prefix)
                                 for t in self.factor_tables))
@@ -127,13 +171,14 @@ def _describe(err: ValidationError, doc: dict) -> str:
             except Exception:  # noqa: BLE001 - best effort naming only
                 sid = f"#{loc[1]}"
             where = f"snapshot {sid!r}, key {'.'.join(str(x) for x in loc[2:]) or '(entry)'}"
-        parts.append(f"{where}: {e['msg']}")
+        got = f" (got {e['input']!r})" if isinstance(e.get("input"), (str, int, float)) else ""
+        parts.append(f"{where}: {e['msg']}{got}")
     return "; ".join(parts)
 
 
 def load_snapshots_file(path: Path) -> SnapshotsFile:
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = yaml.load(Path(path).read_text(), Loader=_TextDatesLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise SnapshotConfigError(f"snapshots file {path} not found (AISTOCK_SNAPSHOTS_FILE)") from None
     except yaml.YAMLError as e:
@@ -144,14 +189,32 @@ def load_snapshots_file(path: Path) -> SnapshotsFile:
         parsed = SnapshotsFile.model_validate(doc)
     except ValidationError as e:
         raise SnapshotConfigError(f"snapshots file {path}: {_describe(e, doc)}") from None
-    ids = [s.id for s in parsed.snapshots]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise SnapshotConfigError(f"snapshots file {path}: snapshot id(s) {dup} declared twice")
+    _check_ids(parsed, path)
     try:
         mapping = parsed.export_mapping()
-        for s in parsed.snapshots:
-            mapping.select(s.factor_tables)
     except MappingError as e:
-        raise SnapshotConfigError(f"snapshots file {path}: {e}") from None
+        raise SnapshotConfigError(f"snapshots file {path}, key mapping/factor_tables: {e}") from None
+    for s in parsed.snapshots:
+        try:
+            mapping.select(s.factor_tables)
+        except MappingError as e:
+            raise SnapshotConfigError(f"snapshots file {path}: snapshot {s.id!r}, key factor_tables: {e}") from None
     return parsed
+
+
+def _check_ids(parsed: SnapshotsFile, path: Path) -> None:
+    """Refuse ids declared twice, or equal once normalised (Dagster names, case-insensitive file systems)."""
+    seen: dict[str, str] = {}
+    for s in parsed.snapshots:
+        key = snapshot_name(s.id).lower()
+        other = seen.get(key)
+        if other is not None:
+            if other == s.id:
+                how = "is declared twice"
+            elif snapshot_name(other) == snapshot_name(s.id):
+                how = f"collide: both become {snapshot_name(s.id)!r} in Dagster's job, schedule and check names"
+            else:
+                how = "differ only in case: one folder on a case-insensitive file system"
+            ids = f"id {s.id!r}" if other == s.id else f"ids {other!r} and {s.id!r}"
+            raise SnapshotConfigError(f"snapshots file {path}: snapshot {ids} {how}; rename one of them")
+        seen[key] = s.id

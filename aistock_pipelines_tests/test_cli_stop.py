@@ -4,6 +4,7 @@ server), ``--test`` only the tests'; afterwards ``ps`` shows none of their proce
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,20 @@ def test_db_stop_stops_the_database_and_the_test_server(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_stop_counts_an_exited_demo_not_yet_reaped_as_stopped(tmp_path):
+    """A demo started by another program has exited once it stopped, even before that program reaps it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    demo = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "lambda *_: exit(0)); time.sleep(60)"])
+    try:
+        (home / "demo.pid").write_text(f"{demo.pid}\n")
+        time.sleep(1)  # its handler is installed
+        out = cli(home, "stop")  # the child exits on SIGTERM and stays a zombie: this test does not wait for it
+        assert out.splitlines()[0] == f"demo (pid {demo.pid}): stopped"
+        assert not (home / "demo.pid").exists()
+    finally:
+        demo.kill()
+        assert demo.wait(timeout=10) == 0

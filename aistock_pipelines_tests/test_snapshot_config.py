@@ -56,3 +56,43 @@ def test_mapping_defaults_are_the_export_mappings():
     mapping = ExportMapping()
     assert (defaults.bars_table, defaults.raw_table, defaults.calendar_table) == (
         mapping.bars_table, mapping.raw_table, mapping.calendar_table)
+
+
+def _snapshots_yaml(tmp_path, body: str):
+    path = tmp_path / "snapshots.yaml"
+    path.write_text("snapshots:\n" + body)
+    return path
+
+
+def test_bad_values_name_file_snapshot_and_key(tmp_path):
+    path = _snapshots_yaml(tmp_path, "  - id: good\n    start: 2023-01-03\n  - id: leap\n    start: 2023-02-30\n")
+    with pytest.raises(SnapshotConfigError) as err:
+        load_snapshots_file(path)
+    message = str(err.value)
+    assert str(path) in message and "snapshot 'leap', key start" in message and "'2023-02-30'" in message
+    assert "day value is outside expected range" in message
+    path = _snapshots_yaml(tmp_path, "  - id: u\n    start: 2023-01-03\n    universe: [000001.SZ, ../../x]\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot 'u', key universe: .*malformed ts_code\(s\) \['../../x'\]"):
+        load_snapshots_file(path)
+    path = _snapshots_yaml(tmp_path, "  - id: f\n    start: 2023-01-03\n    factor_tables: [nope]\n")
+    with pytest.raises(SnapshotConfigError, match=rf"{path}: snapshot 'f', key factor_tables: unknown factor tables"):
+        load_snapshots_file(path)
+    path.write_text("mapping:\n  fields:\n    open: {column: open_li, scale: 0}\nsnapshots:\n  - {id: m, start: 2023-01-03}\n")
+    with pytest.raises(SnapshotConfigError, match=r"key mapping/factor_tables: column 'open_li': scale must be"):
+        load_snapshots_file(path)
+    # Valid dates still load as dates (they are text to YAML now, parsed by pydantic).
+    path = _snapshots_yaml(tmp_path, "  - {id: ok, start: 2024-02-29, end: '2024-03-01'}\n")
+    decl = load_snapshots_file(path).get("ok")
+    assert (decl.start, decl.end) == (date(2024, 2, 29), date(2024, 3, 1))
+
+
+def test_ids_that_collide_once_normalised_are_refused_with_both_names(tmp_path):
+    path = _snapshots_yaml(tmp_path, "  - {id: q-1, start: 2023-01-03}\n  - {id: q_1, start: 2023-01-03}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot ids 'q-1' and 'q_1' collide: both become 'q_1'"):
+        load_snapshots_file(path)
+    path = _snapshots_yaml(tmp_path, "  - {id: Demo, start: 2023-01-03}\n  - {id: demo, start: 2023-01-03}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot ids 'Demo' and 'demo' differ only in case"):
+        load_snapshots_file(path)
+    path = _snapshots_yaml(tmp_path, "  - {id: q, start: 2023-01-03}\n  - {id: q, start: 2023-01-04}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot id 'q' is declared twice"):
+        load_snapshots_file(path)

@@ -206,7 +206,7 @@ def test_stop_leaves_nothing_running(demo):
     assert processes_of(marker), "the demo should be running before it is stopped"
     stop = subprocess.run([str(Path(sys.executable).parent / "aistock-pipelines"), "stop"], env=demo["env"],
                           capture_output=True, text=True, timeout=180)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert stop.returncode == 0, stop.stdout + stop.stderr + demo["log"].read_text()[-2000:]
     assert "demo (pid" in stop.stdout and "stopped" in stop.stdout
     assert proc.wait(timeout=60) == 0
     assert "==> stopped (SIGTERM)" in demo["log"].read_text()

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="allA,qlib")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--settle-us", type=float, default=50.0, help="wait until creating a file takes less (µs)")
     args = ap.parse_args(argv)
     if args.small:
         args.instruments, args.days, args.rounds = 300, 250, 2
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                  "started": datetime.now(timezone.utc).isoformat(), "machine": facts, "bars": db["bars"]}
     names = list(arms)
     try:
-        res["file_creation_us"] = eb.settle_file_system(root)
+        res["file_creation_us"] = eb.settle_file_system(root, slow_us=args.settle_us)
         for r in range(args.rounds):
             order = names[r % 3:] + names[:r % 3]
             for variant in variants:

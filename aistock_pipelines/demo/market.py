@@ -15,7 +15,6 @@ integer formula the SQL restatement in :func:`advance_market` uses, so both path
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -23,12 +22,12 @@ from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as arrow_csv
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from aistock_pipelines.demo import cn_calendar
+from aistock_pipelines.demo.bulk_load import copy_frame
+from aistock_pipelines.demo.indices import Life, advance_research_tables, research_tables
 from aistock_pipelines.demo.market_schema import DDL, DEMO_TABLES, INDEXES
 
 SOURCE = "demo"
@@ -229,23 +228,6 @@ def _factor_rows(sim: dict, dates: pd.DatetimeIndex, rng: np.random.Generator) -
     return basic[rng.random(n) > 0.02], flow[rng.random(n) > 0.05]
 
 
-def _copy_frame(conn: Connection, table: str, frame: pd.DataFrame) -> None:
-    """Bulk-load a frame with COPY (CSV written by Arrow: fast, and doubles keep their shortest exact form,
-    so adjustment factors round-trip bit for bit)."""
-    if frame.empty:
-        return
-    cols = ", ".join(frame.columns)
-    raw = conn.connection.driver_connection
-    with raw.cursor() as cur:
-        with cur.copy(f"COPY {table} ({cols}) FROM STDIN (FORMAT csv)") as copy:
-            step = 1_000_000
-            for i in range(0, len(frame), step):
-                buf = io.BytesIO()
-                arrow_csv.write_csv(pa.Table.from_pandas(frame.iloc[i : i + step], preserve_index=False), buf,
-                                    arrow_csv.WriteOptions(include_header=False, quoting_style="needed"))
-                copy.write(buf.getvalue())
-
-
 def _ensure_demo_or_empty(conn: Connection) -> None:
     has_kline = conn.execute(sa.text("SELECT to_regclass('market.kline_daily_qfq') IS NOT NULL")).scalar()
     has_marker = conn.execute(sa.text("SELECT to_regclass('market.demo_market_info') IS NOT NULL")).scalar()
@@ -263,7 +245,7 @@ def seed_demo_market(engine: Engine, spec: MarketSpec = MarketSpec()) -> SeedSum
     codes = _make_codes(rng, spec.n_instruments)
     children = np.random.SeedSequence(spec.seed).spawn(len(codes))
 
-    bars, adj, basics, flows, basic_info = [], [], [], [], []
+    bars, adj, basics, flows, basic_info, lives = [], [], [], [], [], []
     ipos = delistings = suspended_instruments = suspension_days = events = 0
     for code, child in zip(codes, children):
         irng = np.random.default_rng(child)
@@ -282,6 +264,7 @@ def seed_demo_market(engine: Engine, spec: MarketSpec = MarketSpec()) -> SeedSum
             basics.append(b)
             flows.append(f)
         delisted = sim["last"] < len(days) - 1
+        lives.append(Life(code, sim["first"], sim["last"]))
         basic_info.append({
             "ts_code": code, "name": f"DEMO{code[:6]}", "exchange": {"SH": "SSE", "SZ": "SZSE", "BJ": "BSE"}[code[-2:]],
             "list_date": days[sim["first"]].date() if sim["first"] > 0 else spec.start - timedelta(days=int(irng.integers(400, 6000))),
@@ -301,14 +284,16 @@ def seed_demo_market(engine: Engine, spec: MarketSpec = MarketSpec()) -> SeedSum
         for table in DEMO_TABLES:
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {table} CASCADE"))
         conn.exec_driver_sql(DDL)
-        _copy_frame(conn, "market.trading_calendar", pd.DataFrame(calendar, columns=["cal_date", "is_trading"]))
-        _copy_frame(conn, "market.stock_basic", pd.DataFrame(basic_info))
-        _copy_frame(conn, "market.kline_daily_raw", raw_all.assign(adjust_type="none", source=SOURCE))
-        _copy_frame(conn, "market.kline_daily_qfq", qfq_all.assign(adjust_type="qfq", source=SOURCE))
-        _copy_frame(conn, "market.adj_factor", pd.concat(adj, ignore_index=True))
+        copy_frame(conn, "market.trading_calendar", pd.DataFrame(calendar, columns=["cal_date", "is_trading"]))
+        copy_frame(conn, "market.stock_basic", pd.DataFrame(basic_info))
+        copy_frame(conn, "market.kline_daily_raw", raw_all.assign(adjust_type="none", source=SOURCE))
+        copy_frame(conn, "market.kline_daily_qfq", qfq_all.assign(adjust_type="qfq", source=SOURCE))
+        copy_frame(conn, "market.adj_factor", pd.concat(adj, ignore_index=True))
         if spec.factor_tables:
-            _copy_frame(conn, "market.daily_basic", pd.concat(basics, ignore_index=True))
-            _copy_frame(conn, "market.moneyflow", pd.concat(flows, ignore_index=True))
+            copy_frame(conn, "market.daily_basic", pd.concat(basics, ignore_index=True))
+            copy_frame(conn, "market.moneyflow", pd.concat(flows, ignore_index=True))
+        for table, rows in research_tables(days, lives, spec.seed).items():
+            copy_frame(conn, table, rows)
         conn.exec_driver_sql(INDEXES)
         conn.execute(sa.text("INSERT INTO market.demo_market_info (spec) VALUES (CAST(:spec AS jsonb))"),
                      {"spec": json.dumps(spec.to_json())})
@@ -390,12 +375,13 @@ def advance_market(engine: Engine, events: int = 3, seed: int | None = None) -> 
         af = prev["adj_factor"].to_numpy() * np.where((div_yield > 0) | (split != 1), split / (1 - div_yield), 1.0)
         live = ~suspended
         raw, af_live = raw[live], af[live]
-        _copy_frame(conn, "market.kline_daily_raw", raw.assign(adjust_type="none", source=SOURCE))
+        copy_frame(conn, "market.kline_daily_raw", raw.assign(adjust_type="none", source=SOURCE))
         # On its own latest day a qfq price equals the raw price (the anchor is that day's factor).
-        _copy_frame(conn, "market.kline_daily_qfq", raw.assign(adjust_type="qfq", source=SOURCE))
-        _copy_frame(conn, "market.adj_factor", pd.DataFrame({"ts_code": raw["ts_code"], "trade_date": day, "adj_factor": af_live}))
+        copy_frame(conn, "market.kline_daily_qfq", raw.assign(adjust_type="qfq", source=SOURCE))
+        copy_frame(conn, "market.adj_factor", pd.DataFrame({"ts_code": raw["ts_code"], "trade_date": day, "adj_factor": af_live}))
         if conn.execute(sa.text("SELECT to_regclass('market.daily_basic') IS NOT NULL")).scalar():
             _advance_factor_tables(conn, raw, day, rng)
+        advance_research_tables(conn, day, seed)
         restated = sorted(prev["ts_code"].to_numpy()[chosen].tolist()) if len(chosen) else []
         for code in restated:
             anchor = float(af[prev.index[prev["ts_code"] == code][0]])
@@ -424,5 +410,5 @@ def _advance_factor_tables(conn: Connection, raw: pd.DataFrame, day: date, rng: 
         "sell_lg_amount": np.round(sell, 2), "net_mf_amount": np.round(buy - sell, 2),
         "net_mf_vol": np.round((buy - sell) * 1e4 / close / 100).astype(np.int64),
     })
-    _copy_frame(conn, "market.daily_basic", basic)
-    _copy_frame(conn, "market.moneyflow", flow)
+    copy_frame(conn, "market.daily_basic", basic)
+    copy_frame(conn, "market.moneyflow", flow)

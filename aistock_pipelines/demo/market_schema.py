@@ -31,6 +31,9 @@ DEMO_TABLES = (
     "market.stock_basic",
     "market.daily_basic",
     "market.moneyflow",
+    "market.index_daily",
+    "market.index_weight",
+    "market.stock_universe_pit_spans",
     "market.demo_market_info",
 )
 
@@ -77,6 +80,34 @@ CREATE TABLE market.moneyflow (
     net_mf_amount  numeric(20, 2),
     net_mf_vol     int8
 );
+-- Tushare index_daily: index points (yuan) as numeric(20,4), vol in 手, amount in 千元. Not adjusted.
+CREATE TABLE market.index_daily (
+    ts_code    varchar(32) NOT NULL,
+    trade_date date        NOT NULL,
+    close      numeric(20, 4),
+    open       numeric(20, 4),
+    high       numeric(20, 4),
+    low        numeric(20, 4),
+    pre_close  numeric(20, 4),
+    change     numeric(20, 4),
+    pct_chg    numeric(20, 4),
+    vol        numeric,
+    amount     numeric
+);
+-- Tushare index_weight: one snapshot of an index's members per weight date (monthly); weight in percent.
+CREATE TABLE market.index_weight (
+    index_code varchar(32) NOT NULL,
+    con_code   varchar(32) NOT NULL,
+    trade_date date        NOT NULL,
+    weight     double precision
+);
+-- AIstock's point-in-time universe membership: eligible_end inclusive, NULL = still eligible.
+CREATE TABLE market.stock_universe_pit_spans (
+    universe_key   text        NOT NULL,
+    ts_code        varchar(32) NOT NULL,
+    eligible_start date        NOT NULL,
+    eligible_end   date
+);
 -- Marks a database as holding the synthetic market, so seeding never overwrites a real one.
 CREATE TABLE market.demo_market_info (
     id        int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
@@ -95,4 +126,7 @@ CREATE INDEX ON market.kline_daily_raw (trade_date);
 ALTER TABLE market.adj_factor ADD PRIMARY KEY (ts_code, trade_date);
 ALTER TABLE market.daily_basic ADD PRIMARY KEY (ts_code, trade_date);
 ALTER TABLE market.moneyflow ADD PRIMARY KEY (ts_code, trade_date);
+ALTER TABLE market.index_daily ADD PRIMARY KEY (ts_code, trade_date);
+ALTER TABLE market.index_weight ADD PRIMARY KEY (index_code, trade_date, con_code);
+ALTER TABLE market.stock_universe_pit_spans ADD PRIMARY KEY (universe_key, ts_code, eligible_start);
 """

@@ -77,7 +77,7 @@ class BinsWriter:
         if present:
             qlib_bins.write_bins(self.features_dir, part, self.calendar, self.fields)
         for gone in names - present:
-            shutil.rmtree(self.features_dir / gone.lower(), ignore_errors=True)
+            shutil.rmtree(self.features_dir / qlib_bins.folder_name(gone), ignore_errors=True)
 
     def wait(self) -> None:
         """Wait for the work handed over so far (a failure in it raises here); more may follow."""

@@ -18,9 +18,10 @@ from aistock_pipelines.export import frames, qlib_format
 from aistock_pipelines.export.bins_writer import BinsWriter
 from aistock_pipelines.export.fingerprints import Fingerprints
 from aistock_pipelines.export.mapping import ResolvedMapping
+from aistock_pipelines.export.market_files import MarketFilesDecl, resolve_market_files
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
-from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions
+from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions, by_field
 from aistock_pipelines.export.snapshot_writer import PendingBins, SnapshotWriter, VersionContent
 from aistock_pipelines.export.timing import PhaseTimer
 from aistock_pipelines.export.versions import NewVersion
@@ -70,6 +71,7 @@ class SnapshotBuild:
     writer: SnapshotWriter
     meta: MetaRepo
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    market_files: MarketFilesDecl = MarketFilesDecl()
     version: NewVersion | None = None
     bins: BinsWriter | None = None
 
@@ -125,8 +127,11 @@ def commit(build: SnapshotBuild, built: Built, bins: PendingBins) -> ExportResul
                             "the source changed in an unexpected way — run a full export")
     states = built.fingerprints.states(list(counts), export_id)
     column_info = build.resolved.describe()
+    spans = qlib_format.instrument_spans(by_field(ext), built.days)
+    with build.timer.phase("read_market_files"):
+        market_files = resolve_market_files(build.reader.engine, build.market_files, built.days, options, spans)
     content = VersionContent(ext, built.days, options, _meta(build, built, export_id, column_info, len(counts)),
-                             column_info)
+                             column_info, spans, market_files)
     path, meta = build.writer.write(build.snapshot_id, build.begin(), content, bins, build.timer)
     with build.timer.phase("write_meta_repo"):
         build.meta.replace(build.snapshot_id, states)

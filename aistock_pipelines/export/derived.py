@@ -34,8 +34,9 @@ def _assemble(date_codes: np.ndarray, date_levels: np.ndarray, inst_codes: np.nd
     names = list(resolved.logical_columns)
     at = {name: j for j, name in enumerate(names)}
     block = np.empty((len(perm), len(names)), dtype=np.float64)
+    computed = set(written_columns(resolved)) - {"volume"}  # volume is read (raw shares), then adjusted
     for name in names:
-        if name not in ("change", "vwap"):
+        if name not in computed:
             block[:, at[name]] = column(name)[perm]
     derive(block, at, resolved)
     index = make_index(date_levels, np.asarray(date_codes)[perm], inst_levels, np.asarray(inst_codes)[perm])
@@ -43,8 +44,10 @@ def _assemble(date_codes: np.ndarray, date_levels: np.ndarray, inst_codes: np.nd
 
 
 def written_columns(resolved: ResolvedMapping) -> tuple[str, ...]:
-    """The columns :func:`derive` writes."""
-    return ("change", "volume", "vwap") if resolved.mapping.has_factor else ("change",)
+    """The columns :func:`derive` writes: the derived fields but ``factor`` (read), and with a raw table
+    ``volume`` (read as raw shares, then adjusted)."""
+    derived = tuple(f for f in resolved.derived_fields if f != "factor")
+    return (*derived, "volume") if resolved.mapping.has_factor else derived
 
 
 def derive(block: np.ndarray, at: dict[str, int], resolved: ResolvedMapping) -> None:

@@ -1,6 +1,7 @@
 """QlibDailyExporter: full and incremental exports of a snapshot, restatement-safe and atomic.
 
-Each export is a :class:`SnapshotBuild` under the snapshot's lock: a full export runs the stages of
+Each export is a :class:`SnapshotBuild` under the snapshot's locks (the cross-host advisory lock of
+:mod:`snapshot_lock`, then the local ``flock``): a full export runs the stages of
 :mod:`full_export`, an incremental one those of :mod:`incremental_export`; a changed declaration (mapping,
 options, universe, start) rebuilds in full instead of mixing rows.
 """
@@ -14,8 +15,10 @@ from aistock_pipelines.export.build import ExportResult, SnapshotBuild, declarat
 from aistock_pipelines.export.full_export import run_full
 from aistock_pipelines.export.gates import DataGateError, DataNotReady, check_gates, finalize
 from aistock_pipelines.export.incremental_export import run_incremental
+from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader, check_codes
+from aistock_pipelines.export.snapshot_lock import snapshot_write_lock
 from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions, check_snapshot_id
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 from aistock_pipelines.export.stored_snapshot import StoredSnapshotMismatch
@@ -27,10 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class QlibDailyExporter:
-    def __init__(self, reader: DBReader, writer: SnapshotWriter, meta: MetaRepo):
+    def __init__(self, reader: DBReader, writer: SnapshotWriter, meta: MetaRepo,
+                 market_files: MarketFilesDecl = MarketFilesDecl()):
         self.reader = reader
         self.writer = writer
         self.meta = meta
+        self.market_files = market_files
         self._readers: dict[tuple[str, ...], DBReader] = {}
 
     def export_full(self, snapshot_id: str, start: date, end: date | None = None, ts_codes: list[str] | None = None,
@@ -39,7 +44,7 @@ class QlibDailyExporter:
         check_snapshot_id(snapshot_id)
         if if_exists not in ("overwrite", "refuse"):
             raise ValueError("if_exists must be 'overwrite' or 'refuse'")
-        with self.writer.lock(snapshot_id):
+        with snapshot_write_lock(self.reader.engine, snapshot_id), self.writer.lock(snapshot_id):
             if self.writer.exists(snapshot_id) and if_exists == "refuse":
                 raise SnapshotError(f"snapshot {snapshot_id} exists; pass if_exists='overwrite' to replace it")
             return run_full(self._build(snapshot_id, "full", start, ts_codes, options), end)
@@ -49,7 +54,7 @@ class QlibDailyExporter:
         """Bring the snapshot up to ``end``: new trading days appended, restated instruments rewritten.
         ``ts_codes``/``options``/``start`` default to the snapshot's declaration; differing values rebuild it."""
         check_snapshot_id(snapshot_id)
-        with self.writer.lock(snapshot_id):
+        with snapshot_write_lock(self.reader.engine, snapshot_id), self.writer.lock(snapshot_id):
             meta = self.writer.read_meta(snapshot_id)
             if meta is None:
                 if start is None:
@@ -84,4 +89,4 @@ class QlibDailyExporter:
                options: SnapshotOptions) -> SnapshotBuild:
         universe = check_codes(ts_codes) if ts_codes is not None and mode != "incremental" else ts_codes
         return SnapshotBuild(snapshot_id, mode, start, universe, options, self.reader_for(options), self.writer,
-                             self.meta, PhaseTimer())
+                             self.meta, PhaseTimer(), self.market_files)

@@ -69,7 +69,8 @@ def _finish(build: SnapshotBuild, read: FullRead, days: list[date]) -> pd.DataFr
     """Gate the rows, then finish the block in place and shape it as the file holds it. The block is the
     build's alone; the bins writer reads only columns the read made final, which finishing leaves as they
     are (up to the float32 rounding bins apply anyway)."""
-    check_gates(pd.DataFrame(read.block, index=read.index, columns=read.columns, copy=False), set(days))
+    check_gates(pd.DataFrame(read.block, index=read.index, columns=read.columns, copy=False), set(days),
+                build.resolved.mapping.required_raw_table)
     frame = frames.finish_in_place(read.block, read.index, read.columns, build.options.dtype)
     return external_frame(frame, build.options)  # float64/ts_code/plain: the same block
 

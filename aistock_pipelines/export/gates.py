@@ -21,9 +21,10 @@ class DataNotReady(RuntimeError):
     """The requested trading day has no bars yet (load the day, then retry)."""
 
 
-def check_gates(frame: pd.DataFrame, trading_days: set[date]) -> None:
+def check_gates(frame: pd.DataFrame, trading_days: set[date], required_raw_table: str | None = None) -> None:
     """Refuse data Qlib/RD-Agent would silently mis-use. Examples in messages are (date, code).
-    Works on columns and index codes (no per-row objects): cheap enough for every read."""
+    Works on columns and index codes (no per-row objects): cheap enough for every read.
+    ``required_raw_table``: every bar must have a usable raw close there (``factor`` not NaN)."""
     if frame.empty:
         return
     # strictly sorted (every bulk read's index) means no key twice; only other frames are hashed
@@ -41,6 +42,12 @@ def check_gates(frame: pd.DataFrame, trading_days: set[date]) -> None:
     inverted = col["high"] < col["low"]
     if inverted.any():
         raise DataGateError(f"high < low: {_examples(frame, inverted)}")
+    if required_raw_table is not None and "factor" in frame.columns:
+        no_raw = np.isnan(frame["factor"].to_numpy(dtype=np.float64))
+        if no_raw.any():
+            raise DataGateError(f"bars without a usable raw close in {required_raw_table} (row missing, NULL or 0): "
+                                f"{_examples(frame, no_raw)}; load those raw rows, or declare `missing_raw: nan` in "
+                                "the snapshots file's mapping to export them with NaN factor, volume and vwap")
     level = pd.DatetimeIndex(frame.index.levels[0])
     closed = ~level.normalize().isin(pd.DatetimeIndex(sorted(trading_days)))
     if closed.any():

@@ -69,7 +69,7 @@ def run_incremental(build: SnapshotBuild, meta: dict, end: date | None) -> Expor
                                 sha256=meta["daily_pv_sha256"], export_id=meta["export_id"], rows_read=reads.rows_read,
                                 timings=build.timer.total())
         if reads.history is not None:
-            check_gates(reads.history, set(reads.days))
+            check_gates(reads.history, set(reads.days), build.resolved.mapping.required_raw_table)
         with build.timer.phase("frame"):
             patched = _patch(build, reads)
             if build.bins is not None and reads.restated:
@@ -100,7 +100,7 @@ def _read(build: SnapshotBuild, meta: dict, end: date | None, states: dict, trus
         restated = sorted(fingerprints.restated(states) if trusted else set(fingerprints.table.index) | set(states))
         with timer.phase("read_db"):
             history = s.load_daily(restated, build.start, new_end) if restated else None
-        if not n_new and (restated or new_rows is not None):  # restatements only: the stored block as it is
+        if not n_new and restated:  # restatements only: the stored block as it is
             stored = _read_stored(build, 0, sha256)
             current = stored.frame() if stored is not None else None
         return Reads(new_end, days, new_rows, restated, history, stored, current, fingerprints, s.rows_read)
@@ -118,7 +118,7 @@ def _append_new_days(build: SnapshotBuild, stored_job: Future, new_rows: pd.Data
     """Stage 2: the stored block with every instrument's new days in its spare rows (rounded, sorted;
     ``change`` from the last stored close), or None — the block untouched — when it cannot take them (then
     a merge); and every bin started from it."""
-    check_gates(new_rows, set(days))  # the stored rows passed them when they were exported
+    check_gates(new_rows, set(days), build.resolved.mapping.required_raw_table)  # the stored rows passed them
     with build.timer.phase("wait_snapshot"):
         stored = stored_job.result()
     with build.timer.phase("frame"):

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from aistock_pipelines.conventions import TS_CODE
 from aistock_pipelines.export.arrow_batches import batch_keys, value_block
 from aistock_pipelines.export.daily_features import SourceSelect
 from aistock_pipelines.export.derived import derive, written_columns
@@ -217,6 +218,10 @@ class KeyJoin:
     def _place_bars(self) -> None:
         bars, self.bars = self.bars, []
         self.grid = _KeyGrid(bars)
+        malformed = [c for c in self.grid.levels if not TS_CODE.match(c)]
+        if malformed:  # codes become folder names: refused before anything is reported, let alone written
+            self.errors.append(f"malformed ts_code(s) {malformed[:5]} in {self.selects[0].label}: expected e.g. "
+                               "000001.SZ, 600000.SH, 430047.BJ; correct or delete those rows")
         self.rows = self.grid.rows
         self.block = self.early.take(self.rows)
         self.duplicates = _Duplicates(self.rows)

@@ -98,6 +98,15 @@ class FactorTable:
             raise MappingError(f"factor table {self.name!r}: 'columns' and 'prefix' are exclusive")
 
 
+def _claim(taken: dict[str, str], names, source: str) -> None:
+    """Record ``names`` as coming from ``source``; a name already taken is an error naming both sources."""
+    for name in names:
+        if name in taken:
+            raise MappingError(f"logical field {name!r} comes from both {taken[name]} and {source}: "
+                               "rename one (explicit 'columns' mapping or another 'prefix')")
+        taken[name] = source
+
+
 def _check_table_name(table: str) -> None:
     parts = table.split(".")
     if len(parts) != 2 or not all(_IDENT.match(p) for p in parts):
@@ -118,26 +127,33 @@ class ExportMapping:
     calendar_table: str = "market.trading_calendar"
     fields: dict[str, FieldSpec] = field(default_factory=lambda: dict(FIELD_MAPPING_DB_DAILY))
     factor_tables: tuple[FactorTable, ...] = ()
+    #: A bar without a usable raw close (no raw row, NULL or 0): refused by the data gates ("refuse"), or
+    #: exported with NaN factor, volume and vwap ("nan"). Not part of the fingerprint: complete data gives
+    #: the same snapshot either way.
+    missing_raw: str = "refuse"
 
     def __post_init__(self) -> None:
         for table in (self.bars_table, self.calendar_table, *([self.raw_table] if self.raw_table else [])):
             _check_table_name(table)
+        if self.missing_raw not in ("refuse", "nan"):
+            raise MappingError(f"missing_raw must be 'refuse' or 'nan', got {self.missing_raw!r}")
         missing = [f for f in PRICE_FIELDS if f not in self.fields]
         if missing:
             raise MappingError(f"the bar mapping needs fields {missing} (logical name → column)")
         names = {t.name for t in self.factor_tables}
         if len(names) != len(self.factor_tables):
             raise MappingError("factor table names must be unique")
-        taken = {name: "bars" for name in self.fields}
-        taken.update({name: "derived" for name in DERIVED_FIELDS})
+        taken = self._base_names(DERIVED_FIELDS)
         for name, spec in self.fields.items():
             _check_field(name, spec.column, "bars")
         for t in self.factor_tables:
             for name, spec in t.columns.items():
                 _check_field(name, spec.column, t.name)
-                if name in taken:
-                    raise MappingError(f"logical field {name!r} comes from both {taken[name]} and {t.name}")
-                taken[name] = t.name
+            _claim(taken, t.columns, t.name)
+
+    def _base_names(self, derived) -> dict[str, str]:
+        """Logical name → where it comes from, for the bars' fields and ``derived``."""
+        return {name: "bars" for name in self.fields} | {name: "derived" for name in derived}
 
     def select(self, factor_tables: list[str] | None) -> "ExportMapping":
         """The mapping restricted to the named factor tables (None = all)."""
@@ -153,6 +169,16 @@ class ExportMapping:
     @property
     def has_factor(self) -> bool:
         return self.raw_table is not None
+
+    @property
+    def required_raw_table(self) -> str | None:
+        """The raw table whose row every bar must have (None: none, or NaN allowed by ``missing_raw``)."""
+        return self.raw_table if self.missing_raw == "refuse" else None
+
+    @property
+    def derived_fields(self) -> list[str]:
+        """The columns computed rather than read: ``factor`` and ``vwap`` need the raw table, ``change`` not."""
+        return list(DERIVED_FIELDS) if self.has_factor else ["change"]
 
     def fingerprint(self, resolved_factor_columns: dict[str, dict[str, FieldSpec]] | None = None) -> str:
         doc = {
@@ -192,7 +218,7 @@ class ResolvedMapping:
 
     @property
     def derived_fields(self) -> list[str]:
-        return list(DERIVED_FIELDS) if self.mapping.has_factor else ["change"]
+        return self.mapping.derived_fields
 
     @property
     def logical_columns(self) -> list[str]:
@@ -249,8 +275,7 @@ def resolve_mapping(engine: Engine, mapping: ExportMapping) -> ResolvedMapping:
         cal = columns_of(mapping.calendar_table)
         require(mapping.calendar_table, cal, ["cal_date", "is_trading"], "trade calendar")
 
-        taken: dict[str, str] = {name: "bars" for name in mapping.fields}
-        taken.update({name: "derived" for name in (DERIVED_FIELDS if mapping.has_factor else ("change",))})
+        taken = mapping._base_names(mapping.derived_fields)
         resolved: dict[str, dict[str, FieldSpec]] = {}
         for t in mapping.factor_tables:
             cols = columns_of(t.table)
@@ -264,11 +289,7 @@ def resolve_mapping(engine: Engine, mapping: ExportMapping) -> ResolvedMapping:
             else:
                 require(t.table, cols, [s.column for s in t.columns.values()], f"factor table {t.name}")
                 spec = dict(t.columns)
-            for name in spec:
-                if name in taken:
-                    raise MappingError(f"logical field {name!r} comes from both {taken[name]} and {t.name}: "
-                                       "rename one (explicit 'columns' mapping or another 'prefix')")
-                taken[name] = t.name
+            _claim(taken, spec, t.name)
             resolved[t.name] = spec
     return ResolvedMapping(mapping, resolved)
 

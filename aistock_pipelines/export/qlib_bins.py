@@ -13,6 +13,7 @@ not cached makes the kernel read that block first, one random read per file.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 _BLOCK = 4096  # the file system block (and page) size bins are extended by
+_FOLDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ class _BinFiles:
         features_dir.mkdir(parents=True, exist_ok=True)
 
     def folder(self, name: str) -> str:
-        target = os.path.join(self.features, name.lower())
+        target = os.path.join(self.features, folder_name(name))
         try:
             os.mkdir(target)
         except FileExistsError:
@@ -226,7 +228,7 @@ class _BinFiles:
     def extend(self, code: int, a: int, b: int) -> bool:
         """Append this instrument's new days to its recycled files; False if any file cannot be extended
         (then the instrument is written anew, its recycled files unlinked — never written)."""
-        name = str(self.plan.names[code]).lower()
+        name = folder_name(str(self.plan.names[code]))
         if name not in self.recycled:
             return False
         ext = self.plan.extension(code)
@@ -284,6 +286,14 @@ def _extend(folder: int, name: str, data: bytes, offset: int, valid: int, length
     finally:
         os.close(fd)
     return True
+
+
+def folder_name(name: str) -> str:
+    """An instrument's folder name (lower case), refusing any name that is not one plain path component."""
+    folder = name.lower()
+    if not _FOLDER.match(folder):
+        raise ValueError(f"instrument name {name!r} cannot be a folder name inside the snapshot")
+    return folder
 
 
 def _write_bytes(folder_fd: int, name: str, data: np.ndarray) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aistock_pipelines.conventions import EXCHANGES
 from aistock_pipelines.export.frames import first_last_dates
 
-_EXCHANGES = ("SH", "SZ", "BJ")
 
 
 def to_qlib_symbol(ts_code: str) -> str:
@@ -21,7 +21,7 @@ def to_qlib_symbol(ts_code: str) -> str:
 
 
 def from_qlib_symbol(symbol: str) -> str:
-    return f"{symbol[2:]}.{symbol[:2]}" if symbol[:2] in _EXCHANGES else symbol
+    return f"{symbol[2:]}.{symbol[:2]}" if symbol[:2] in EXCHANGES else symbol
 
 
 def instrument_names(ts_codes: pd.Index | list[str], style: str) -> np.ndarray:

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 from sqlalchemy.engine import Engine
 
+from aistock_pipelines.conventions import TS_CODE
 from aistock_pipelines.db import libpq_url
 from aistock_pipelines.export.arrow_batches import prefetched, statement_batches
 from aistock_pipelines.export.daily_features import SourceSelect, joined_select, source_selects
@@ -35,7 +36,6 @@ from aistock_pipelines.export.mapping import ExportMapping, ResolvedMapping, quo
 from aistock_pipelines.export.row_fingerprints import RowFingerprints
 
 log = logging.getLogger(__name__)
-_CODE = re.compile(r"^[A-Za-z0-9]{1,12}\.[A-Za-z]{2,4}$")
 _SNAPSHOT_ID = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")  # pg_export_snapshot(): e.g. 00000003-0000001B-1
 #: The bulk read's bounds as settings of the read's transaction. The ADBC driver streams a statement's
 #: rows through ``COPY (FORMAT binary)`` only when it has no parameters — with ``$n`` it buffers the whole
@@ -70,7 +70,7 @@ class ReaderError(RuntimeError):
 
 
 def check_codes(ts_codes: list[str]) -> list[str]:
-    bad = [c for c in ts_codes if not isinstance(c, str) or not _CODE.match(c)]
+    bad = [c for c in ts_codes if not isinstance(c, str) or not TS_CODE.match(c)]
     if bad:
         raise ReaderError(f"malformed ts_code(s) {bad[:5]}: expected e.g. 000001.SZ, 600000.SH, 430047.BJ")
     return sorted(set(ts_codes))

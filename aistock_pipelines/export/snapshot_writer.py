@@ -27,6 +27,7 @@ import pandas as pd
 from aistock_pipelines.export import qlib_format
 from aistock_pipelines.export.bins_writer import BinsWriter
 from aistock_pipelines.export import qlib_bins
+from aistock_pipelines.export.market_files import MarketFiles, write_benchmarks, write_universes
 from aistock_pipelines.export.qlib_bins import BinReuse
 from aistock_pipelines.export.snapshot_shape import (SnapshotError, SnapshotOptions, by_field, debug_subset,
                                                      internal_frame, rdagent_readme)
@@ -39,13 +40,16 @@ from aistock_pipelines.export.versions import NewVersion, SnapshotVersions, remo
 @dataclass(frozen=True)
 class VersionContent:
     """What a new version holds: the file's frame (column style, names and dtype of ``options``; sorted,
-    row-major), its calendar, the meta document and the columns' descriptions."""
+    row-major), its calendar, the meta document, the columns' descriptions, ``all.txt``'s lines and the
+    universe files and benchmark bins (:mod:`market_files`)."""
 
     frame: pd.DataFrame
     calendar: list[date]
     options: SnapshotOptions
     meta: dict
     column_info: dict[str, dict]
+    spans: list[tuple[str, date, date]]  # instruments/all.txt
+    market_files: MarketFiles = MarketFiles()
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,13 @@ class SnapshotWriter(SnapshotVersions):
         _check_space(path, content, bins)
         qlib_format.write_calendar(path / "calendars" / "day.txt", content.calendar)
         named = by_field(content.frame)
-        spans = qlib_format.instrument_spans(named, content.calendar)
+        spans = content.spans
         qlib_format.write_instruments(path / "instruments" / "all.txt", spans)
+        write_universes(path / "instruments", content.market_files)
         written = bins.beside.fields if bins.beside is not None else []
         remaining = [c for c in named.columns if c not in written] if content.options.qlib_bins else []
         with ThreadPoolExecutor(2, thread_name_prefix="bins") as pool:
-            bins_job = (pool.submit(self._bins, path, named, content.calendar, remaining, bins, timer)
+            bins_job = (pool.submit(self._bins, path, named, content, remaining, bins, timer)
                         if content.options.qlib_bins else None)
             cleared = pool.submit(self._clear, version.stale, timer)
             digest = self._write_h5_files(snapshot_id, path, content, timer)
@@ -134,14 +139,15 @@ class SnapshotWriter(SnapshotVersions):
         return self.path(snapshot_id), meta
 
     @staticmethod
-    def _bins(path: Path, named: pd.DataFrame, calendar: list[date], remaining: list[str], bins: PendingBins,
+    def _bins(path: Path, named: pd.DataFrame, content: VersionContent, remaining: list[str], bins: PendingBins,
               timer: PhaseTimer) -> None:
         if remaining:
             with timer.phase("write_bins"):
-                qlib_bins.write_bins(path / "features", named, calendar, remaining, reuse=bins.reuse)
+                qlib_bins.write_bins(path / "features", named, content.calendar, remaining, reuse=bins.reuse)
         if bins.beside is not None:
             with timer.phase("wait_bins_beside"):
                 bins.beside.result()
+        write_benchmarks(path / "features", content.market_files, content.calendar, content.options)
 
     @staticmethod
     def _clear(stale: list[Path], timer: PhaseTimer) -> None:

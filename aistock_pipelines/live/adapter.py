@@ -220,7 +220,7 @@ class LiveDataAdapter:
                 f"{f' (the start of snapshot {self.snapshot_id!r})' if self.snapshot_id else ''}", unknown)
 
         window_rows = pd.concat([p for p in (db.frame, live) if p is not None])
-        check_gates(window_rows, set(db.days))
+        check_gates(window_rows, set(db.days), self.resolved.mapping.required_raw_table)
         prev_rows = self._previous_rows(db.prev)
         rescaled: list[str] = []
         if pre_close:
@@ -353,7 +353,7 @@ class LiveDataAdapter:
         if not ratios:
             return window_rows, prev_rows, []
         has_factor = self.resolved.mapping.has_factor
-        scaled = [*PRICE_FIELDS, *(["factor", "vwap"] if has_factor else [])]
+        scaled = [*PRICE_FIELDS, *(f for f in self.resolved.derived_fields if f != "change")]  # price-like
 
         def apply(frame: pd.DataFrame, only_before: bool) -> pd.DataFrame:
             frame = frame.copy()

@@ -49,7 +49,7 @@ def _day(value: str | None, what: str) -> date | None:
 
 def adhoc_export_job(config: SnapshotsFile):
     declared = {d.id for d in config.snapshots}
-    mapping = config.export_mapping()
+    mapping, market_files = config.export_mapping(), config.market_files()
 
     @op(name="export_snapshot", pool="adhoc_snapshot_export",
         description="Export one ad-hoc snapshot with the exporter (full or incremental).")
@@ -59,7 +59,7 @@ def adhoc_export_job(config: SnapshotsFile):
             raise Failure(description=f"snapshot {config.snapshot_id!r} is declared in the snapshots file: "
                                       f"materialize snapshots/{config.snapshot_id} instead", allow_retries=False)
         start, end = _day(config.start, "start"), _day(config.end, "end")
-        exporter = build_exporter(aistock_db, snapshot_store, mapping)
+        exporter = build_exporter(aistock_db, snapshot_store, mapping, market_files)
         try:
             if config.mode == "full":
                 if start is None:

@@ -6,16 +6,23 @@ and is what the CLI uses too. Resources are not defined here; the code location 
 :func:`rdagent_definitions` in with ``Definitions.merge``.
 
 The sensor exists because the results API has no push, ETag or paging: the only way to notice a new
-export is to fetch each catalog and compare a fingerprint. A tick therefore GETs five catalogs with
-short timeouts, no retries and an overall budget, well inside Dagster's 60 s sensor limit, and asks for
-one run of just the assets whose catalog changed.
+export is to fetch each catalog and compare a fingerprint. A tick therefore GETs five catalogs, the three
+registry listings (404 while the server does not offer them) and, for the loops the loop catalog lists,
+each loop's artifacts (what the artifacts sync depends on, so an artifact-only change is seen), with short
+timeouts, no retries and an overall budget, well inside Dagster's 60 s sensor limit, and asks for one run
+of just the assets whose fingerprint changed.
+
+Each catalog asset's materialization also carries a glance at the results library
+(:func:`aistock_pipelines.rdagent.library.glance`): a table with its schema (top factors by IC, newest
+loops with their KPIs, artifacts with files and sizes, …) and numbers the asset's Plots tab draws over
+syncs (best IC, loops with a positive decision, …).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dagster import (
@@ -28,10 +35,14 @@ from dagster import (
     Definitions,
     Failure,
     MaterializeResult,
+    MetadataValue,
     RunRequest,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    TableColumn,
+    TableRecord,
+    TableSchema,
     asset,
     asset_check,
     define_asset_job,
@@ -39,9 +50,13 @@ from dagster import (
 )
 
 from aistock_pipelines.rdagent.factor_impl import FactorPackages, alignment_report, registry_pointers
+from aistock_pipelines.rdagent.library import Glance, ImplRecord, glance, record_factor_impl
 from aistock_pipelines.rdagent.results_client import RDAgentResultsClient, ResultsApiError
 from aistock_pipelines.rdagent.sync import (
     CATALOGS,
+    LOOP_ARTIFACTS,
+    POLL_KINDS,
+    RUN_REGISTRY_KINDS,
     CatalogName,
     SyncError,
     SyncStats,
@@ -49,6 +64,7 @@ from aistock_pipelines.rdagent.sync import (
     registry_table,
     sync_catalog,
     sync_loop_artifacts,
+    sync_run_registry,
 )
 from aistock_pipelines.resources import AIstockDatabase, RDAgentResultsApi
 
@@ -68,6 +84,7 @@ CATALOG_ASSET_NAMES: dict[CatalogName, str] = {
     "alpha158": "alpha158_meta",
 }
 LOOP_ARTIFACTS_ASSET_NAME = "loop_artifacts"
+RUN_REGISTRY_ASSET_NAME = "run_registry"
 
 #: Sensor tick limits: per request, and the time after which no further catalog is fetched.
 SENSOR_CONNECT_TIMEOUT_S = 2.0
@@ -111,15 +128,34 @@ def sync_metadata(stats: SyncStats) -> dict[str, Any]:
     }
 
 
-def _run_sync(run: Any) -> MaterializeResult:
+def glance_metadata(view: Glance | None) -> dict[str, Any]:
+    """A library glance as Dagster metadata: the table with its schema, and the numbers (plotted over syncs)."""
+    if view is None:
+        return {}
+    schema = TableSchema(columns=[TableColumn(name, kind) for name, kind in view.columns])
+    numbers = {name: MetadataValue.float(float(value)) if isinstance(value, float) else MetadataValue.int(int(value))
+               for name, value in view.numbers.items()}
+    return {view.key: MetadataValue.table([TableRecord(row) for row in view.rows], schema=schema), **numbers}
+
+
+def impl_metadata(record: ImplRecord) -> dict[str, Any]:
+    """What the recording of the factor pointers found (the ``factor_library.impl_resolves`` column)."""
+    return {
+        "impl_pointers": record.pointers,
+        "impl_resolving": record.resolving,
+        "impl_not_resolving": record.not_resolving,
+        "factor_package_versions": json.dumps(record.versions, sort_keys=True),
+    }
+
+
+def _synced(run: Callable[[], SyncStats]) -> SyncStats:
     try:
-        stats = run()
+        return run()
     except SyncError as exc:
         raise Failure(description=str(exc), metadata={"kind": exc.kind}) from exc
-    return MaterializeResult(metadata=sync_metadata(stats))
 
 
-def _catalog_asset(kind: CatalogName) -> AssetsDefinition:
+def _catalog_asset(kind: CatalogName, factor_packages: Sequence[str] | None = None) -> AssetsDefinition:
     @asset(
         key=catalog_asset_key(kind),
         group_name=GROUP,
@@ -127,11 +163,18 @@ def _catalog_asset(kind: CatalogName) -> AssetsDefinition:
         description=(
             f"RD-Agent's {kind} catalog mirrored into rdagent.{registry_table(kind).name}: upserted, rows gone "
             "upstream deactivated; a 404 (not published) leaves the table as it was."
+            + (" Each factor's pointer is checked against the installed factor package (factor_library."
+               "impl_resolves) and the package version recorded." if kind == "factors" else "")
         ),
     )
     def _sync(aistock_db: AIstockDatabase, rdagent_api: RDAgentResultsApi) -> MaterializeResult:
+        engine = aistock_db.engine()
         with results_client(rdagent_api) as client:
-            return _run_sync(lambda: sync_catalog(aistock_db.engine(), client, kind))
+            metadata = sync_metadata(_synced(lambda: sync_catalog(engine, client, kind)))
+        if kind == "factors":  # before the glance, which shows impl_resolves
+            packages = FactorPackages.from_env() if factor_packages is None else FactorPackages.parse(factor_packages)
+            metadata.update(impl_metadata(record_factor_impl(engine, packages)))
+        return MaterializeResult(metadata={**metadata, **glance_metadata(glance(engine, kind))})
 
     return _sync
 
@@ -146,15 +189,46 @@ CATALOG_ASSETS: dict[CatalogName, AssetsDefinition] = {kind: _catalog_asset(kind
     deps=[CATALOG_ASSETS["loops"]],
     description=(
         "Artifacts of every active loop in rdagent.loop_result (one API call per loop), mirrored into "
-        "rdagent.loop_artifacts; refreshed whenever the loop catalog is."
+        "rdagent.loop_artifacts; refreshed whenever the loop catalog or the artifacts' own fingerprint changes."
     ),
 )
 def loop_artifacts(aistock_db: AIstockDatabase, rdagent_api: RDAgentResultsApi) -> MaterializeResult:
+    engine = aistock_db.engine()
     with results_client(rdagent_api) as client:
-        return _run_sync(lambda: sync_loop_artifacts(aistock_db.engine(), client))
+        metadata = sync_metadata(_synced(lambda: sync_loop_artifacts(engine, client)))
+    return MaterializeResult(metadata={**metadata, **glance_metadata(glance(engine, LOOP_ARTIFACTS))})
 
 
-RDAGENT_ASSETS: list[AssetsDefinition] = [*CATALOG_ASSETS.values(), loop_artifacts]
+@asset(
+    key=asset_key(RUN_REGISTRY_ASSET_NAME),
+    group_name=GROUP,
+    kinds={"postgres"},
+    description=(
+        "The results API's /task_runs, /loops and /workspaces (Phase 2 design) mirrored into "
+        "rdagent.task_run_registry, loop_registry and workspace_registry when the server offers them; "
+        "the real API does not (404): recorded as not offered, nothing fails."
+    ),
+)
+def run_registry(aistock_db: AIstockDatabase, rdagent_api: RDAgentResultsApi) -> MaterializeResult:
+    engine = aistock_db.engine()
+    metadata: dict[str, Any] = {}
+    with results_client(rdagent_api) as client:
+        for kind in RUN_REGISTRY_KINDS:
+            stats = _synced(lambda: sync_run_registry(engine, client, kind))  # noqa: B023 - called at once
+            metadata.update({f"{kind}_offered": stats.published, f"{kind}_inserted": stats.inserted,
+                             f"{kind}_updated": stats.updated, f"{kind}_deactivated": stats.deactivated})
+    return MaterializeResult(metadata={**metadata, **glance_metadata(glance(engine, "run_registry"))})
+
+
+def rdagent_assets(factor_packages: Sequence[str] | None = None) -> list[AssetsDefinition]:
+    """The RD-Agent assets; ``factor_packages`` (default: ``AISTOCK_FACTOR_PACKAGES`` when the run starts)
+    is what the factor catalog asset checks pointers against, as the ``factor_package_aligned`` check."""
+    catalogs = CATALOG_ASSETS if factor_packages is None else {
+        **CATALOG_ASSETS, "factors": _catalog_asset("factors", factor_packages)}
+    return [*catalogs.values(), loop_artifacts, run_registry]
+
+
+RDAGENT_ASSETS: list[AssetsDefinition] = rdagent_assets()
 
 _PROBLEMS_SHOWN = 50
 
@@ -213,11 +287,14 @@ def _load_cursor(cursor: str | None) -> dict[str, str]:
     return {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(loaded, dict) else {}
 
 
-def assets_for_changes(changed: Sequence[CatalogName]) -> list[AssetKey]:
-    """Assets to refresh for the changed catalogs; loop artifacts follow the loop catalog."""
+def assets_for_changes(changed: Sequence[str]) -> list[AssetKey]:
+    """Assets to refresh for the changed kinds; loop artifacts follow the loop catalog and their own
+    fingerprint, the run registry any of its three listings."""
     keys = [catalog_asset_key(kind) for kind in CATALOGS if kind in changed]
-    if "loops" in changed:
+    if "loops" in changed or LOOP_ARTIFACTS in changed:
         keys.append(asset_key(LOOP_ARTIFACTS_ASSET_NAME))
+    if any(kind in changed for kind in RUN_REGISTRY_KINDS):
+        keys.append(asset_key(RUN_REGISTRY_ASSET_NAME))
     return keys
 
 
@@ -233,7 +310,7 @@ def evaluate_results_sensor(cursor: str | None, api: RDAgentResultsApi, log: Any
     previous = _load_cursor(cursor)
     try:
         with results_client(api, for_sensor=True) as client:
-            poll = poll_fingerprints(client, budget_s=SENSOR_POLL_BUDGET_S)
+            poll = poll_fingerprints(client, POLL_KINDS, budget_s=SENSOR_POLL_BUDGET_S)
     except ResultsApiError as exc:
         return SkipReason(f"RD-Agent results API at {api.base_url} is not usable right now: {exc}")
     if log is not None:
@@ -281,7 +358,7 @@ def rdagent_definitions(
 ) -> Definitions:
     """The RD-Agent sync definitions, without resources (merge them into the code location)."""
     return Definitions(
-        assets=RDAGENT_ASSETS,
+        assets=RDAGENT_ASSETS if factor_packages is None else rdagent_assets(factor_packages),
         asset_checks=[factor_package_check(factor_packages)],
         jobs=[rdagent_sync_job],
         sensors=[rdagent_results_sensor if sensor_status == DefaultSensorStatus.STOPPED else results_sensor(sensor_status)],

@@ -3,11 +3,13 @@
 A custom ``@schedule`` rather than ``build_schedule_from_partitioned_job``: the latter targets the previous
 day for daily partitions and refuses hour/minute on weekday crons. Holidays that fall on
 weekdays are skipped with a reason, read from the database's own trade calendar. On a trading day the
-schedule registers the day as a partition first (its bars may not be loaded yet: the run retries).
+schedule registers the day as a partition first (its bars may not be loaded yet: the run retries). A tick
+evaluated before its time (the UI's preview of upcoming ticks) registers nothing and says what it will do,
+so a preview never puts a future day among the partitions.
 """
 
 
-from datetime import date
+from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -25,13 +27,13 @@ from dagster import (
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
 from aistock_pipelines.resources import AIstockDatabase
-from aistock_pipelines.snapshot_config import SnapshotsFile
+from aistock_pipelines.snapshot_config import SnapshotsFile, snapshot_name
 
 POST_CLOSE_CRON = "30 18 * * 1-5"
 
 
 def snapshot_job_name(snapshot_id: str) -> str:
-    return f"snapshot_{snapshot_id.replace('-', '_')}_job"
+    return f"snapshot_{snapshot_name(snapshot_id)}_job"
 
 
 def snapshot_jobs(config: SnapshotsFile):
@@ -61,6 +63,9 @@ def post_close_schedule(decl, job, config: SnapshotsFile) -> ScheduleDefinition:
         if not trading:
             return SkipReason(f"{today} is not a trading day ({calendar_table})")
         key = today.isoformat()
+        if context.scheduled_execution_time > datetime.now(ZoneInfo(EXCHANGE_TIMEZONE)):
+            return SkipReason(f"preview of an upcoming tick: it will register {key} as a partition of "
+                              f"snapshots/{decl.id} and request it")
         register_trading_days(context.instance, aistock_db.engine(), config, through=today, only=decl.id)
         return RunRequest(run_key=f"{decl.id}:{key}", partition_key=key, tags={"aistock/snapshot": decl.id})
 

@@ -26,12 +26,16 @@ from dagster import (
     asset,
 )
 
+from aistock_pipelines.export.benchmarks import BenchmarkError
 from aistock_pipelines.export.exporter import DataGateError, DataNotReady, ExportResult, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
+from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
+from aistock_pipelines.export.source_tables import SourceTableError
+from aistock_pipelines.export.universes import UniverseError
 from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
 from aistock_pipelines.orchestration.trading_day_partitions import Register, TradingDayPartitions
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
@@ -55,9 +59,11 @@ def scheduled(context: AssetExecutionContext) -> bool:
     return "dagster/schedule_name" in context.run.tags
 
 
-def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping) -> QlibDailyExporter:
+def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping,
+                   market_files: MarketFilesDecl = MarketFilesDecl()) -> QlibDailyExporter:
     engine = db.engine()
-    return QlibDailyExporter(DBReader(engine, mapping, db.resolved_url()), SnapshotWriter(store.path), MetaRepo(engine))
+    return QlibDailyExporter(DBReader(engine, mapping, db.resolved_url()), SnapshotWriter(store.path), MetaRepo(engine),
+                             market_files)
 
 
 def run_snapshot_export(exporter: QlibDailyExporter, decl: SnapshotDecl, range_start: date, range_end: date) -> ExportResult | None:
@@ -132,11 +138,11 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register: Register
     )
     def _snapshot(context: AssetExecutionContext, aistock_db: AIstockDatabase, snapshot_store: SnapshotStore) -> MaterializeResult:
         range_start, range_end = partition_range(context)
-        exporter = build_exporter(aistock_db, snapshot_store, mapping)
+        exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files())
         progress.info("exporting %s..%s", range_start, range_end)
         try:
             result = run_snapshot_export(exporter, decl, range_start, range_end)
-        except (DataGateError, MappingError, SnapshotError) as e:
+        except (DataGateError, MappingError, SnapshotError, BenchmarkError, UniverseError, SourceTableError) as e:
             raise Failure(description=f"snapshot {decl.id}: {e}", allow_retries=False) from e
         except DataNotReady as e:
             if scheduled(context):

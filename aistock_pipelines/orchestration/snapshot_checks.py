@@ -18,7 +18,7 @@ from dagster import (
 
 from aistock_pipelines.export.snapshot_validation import CheckOutcome, validate_snapshot
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
-from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
+from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile, snapshot_name
 
 CHECKS: dict[str, str] = {
     "index_unique_sorted": "daily_pv.h5 index (datetime, instrument) is unique and sorted",
@@ -41,7 +41,7 @@ def snapshot_checks(decl: SnapshotDecl, config: SnapshotsFile) -> AssetChecksDef
     mapping = config.export_mapping().select(decl.factor_tables)
 
     @multi_asset_check(
-        name=f"snapshot_{decl.id.replace('-', '_')}_checks",
+        name=f"snapshot_{snapshot_name(decl.id)}_checks",
         specs=[AssetCheckSpec(name, asset=key, description=text, blocking=True) for name, text in CHECKS.items()],
     )
     def _checks(aistock_db: AIstockDatabase, snapshot_store: SnapshotStore):

@@ -39,7 +39,7 @@ from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.embedded_db import resolve_db_url
 from aistock_pipelines.resources import AIstockDatabase
 from aistock_pipelines.settings import Settings
-from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
+from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile, snapshot_name
 from aistock_pipelines.trading_days import offered_days, open_days, partition_plan
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ SENSOR_INTERVAL_S = 120
 
 
 def partitions_name(snapshot_id: str) -> str:
-    return f"trading_days_{snapshot_id}"
+    return f"trading_days_{snapshot_name(snapshot_id)}"
 
 
 @dataclass(frozen=True)

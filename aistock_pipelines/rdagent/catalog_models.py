@@ -160,3 +160,41 @@ class LoopArtifacts(_Open):
     loop_id: LoopId
     artifacts: list[LoopArtifact]
     sha256: str = ""
+
+
+# ---------------------------------------------------------------- /task_runs, /loops, /workspaces
+#: The Phase 2 design's registry listings (registry.sqlite's own tables). Not served by the real API today;
+#: their body shape is not fixed either: a list of records, or an object holding it under the endpoint's
+#: name or ``items``.
+RunRegistryEndpoint = Literal["task_runs", "loops", "workspaces"]
+
+
+class TaskRunRecord(_Open):
+    task_run_id: TaskRunId = Field(min_length=1)
+
+
+class RunLoopRecord(_Open):
+    task_run_id: TaskRunId = Field(min_length=1)
+    loop_id: LoopId
+
+
+class WorkspaceRecord(_Open):
+    workspace_id: StrictStr = Field(min_length=1)
+
+
+RUN_REGISTRY_RECORDS: dict[str, type[_Open]] = {
+    "task_runs": TaskRunRecord,
+    "loops": RunLoopRecord,
+    "workspaces": WorkspaceRecord,
+}
+
+
+class RunRegistryResponse(BaseModel):
+    """One fetched registry listing: validated records as plain dicts and the body's sha256."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint: RunRegistryEndpoint
+    url: str
+    records: list[dict[str, Any]]
+    sha256: str

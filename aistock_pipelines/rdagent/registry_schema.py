@@ -20,8 +20,10 @@ Every registry table has the same bookkeeping columns (see :func:`_tracking`):
 ``sync_state`` keeps one row per catalog (fingerprint, publication state, last counts) so a reader can
 tell when each catalog was last synced and whether it is currently published at all.
 
-Tables are created idempotently by :func:`ensure_registry_schema`; there is no migration tool yet, so a
-column added later needs an ``ALTER TABLE`` (``create_all`` never alters an existing table).
+Tables are created idempotently by :func:`ensure_registry_schema`; there is no migration tool: a nullable
+column added to a table here is added to an existing database by the same call (``_add_missing_columns``),
+anything else (a type change, a dropped column) needs an ``ALTER TABLE`` by hand. The same call creates the
+results library's views (:mod:`.library_views`) when their definition changed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+
+from aistock_pipelines.rdagent.library_views import ensure_library_views
 
 SCHEMA = "rdagent"
 
@@ -89,6 +93,13 @@ factor_registry = Table(
     Column("impl_module", Text),
     Column("impl_func", Text),
     Column("impl_version", Text),
+    # best_performance flattened (sync.factor_performance); NULL where the record does not report it
+    Column("ic", Float),
+    Column("icir", Float),
+    Column("rank_ic", Float),
+    Column("annualized_return", Float),
+    Column("max_drawdown", Float),
+    Column("sharpe", Float),
     *_tracking(),
     PrimaryKeyConstraint("name", "source", name="factor_registry_pkey"),
 )
@@ -113,6 +124,9 @@ strategy_registry = Table(
     Column("valid_end", Date),
     Column("test_start", Date),
     Column("test_end", Date),
+    Column("market", Text),
+    Column("benchmark", Text),
+    Column("features", _json()),
     *_tracking(),
 )
 
@@ -134,6 +148,10 @@ loop_result = Table(
     Column("ic", Float),
     Column("icir", Float),
     Column("win_rate", Float),
+    Column("rank_ic", Float),
+    Column("information_ratio", Float),
+    # which figure annualized_return is: excess_return_with_cost | excess_return_without_cost | unspecified
+    Column("annualized_return_basis", Text),
     Column("model_run_id", Text),
     Column("factor_impl_version", Text),
     Column("summary_texts", _json()),
@@ -155,6 +173,14 @@ model_registry = Table(
     Column("dataset_config", _json()),
     Column("feature_schema", _json()),
     Column("model_artifacts", _json()),
+    Column("train_start", Date),
+    Column("train_end", Date),
+    Column("valid_start", Date),
+    Column("valid_end", Date),
+    Column("test_start", Date),
+    Column("test_end", Date),
+    Column("market", Text),
+    Column("features", _json()),
     *_tracking(),
     Index("ix_model_registry_loop", "task_run_id", "loop_id"),
 )
@@ -190,6 +216,83 @@ loop_artifacts = Table(
     Index("ix_loop_artifacts_loop", "task_run_id", "loop_id"),
 )
 
+# The results API's /task_runs, /loops and /workspaces (Phase 2 design: registry.sqlite's own tables; not
+# served by the real API today). Synced when a server offers them; the typed columns are the design's.
+task_run_registry = Table(
+    "task_run_registry",
+    metadata,
+    Column("task_run_id", Text, primary_key=True),
+    Column("scenario", Text),
+    Column("status", Text),
+    Column("created_at_utc", Text),
+    Column("updated_at_utc", Text),
+    *_tracking(generated_at=False),
+)
+
+loop_registry = Table(
+    "loop_registry",
+    metadata,
+    Column("task_run_id", Text, nullable=False),
+    Column("loop_id", Integer, nullable=False),
+    Column("action", Text),
+    Column("status", Text),
+    Column("has_result", Boolean),
+    Column("best_workspace_id", Text),
+    Column("started_at_utc", Text),
+    Column("ended_at_utc", Text),
+    *_tracking(generated_at=False),
+    PrimaryKeyConstraint("task_run_id", "loop_id", name="loop_registry_pkey"),
+)
+
+workspace_registry = Table(
+    "workspace_registry",
+    metadata,
+    Column("workspace_id", Text, primary_key=True),
+    Column("task_run_id", Text),
+    Column("loop_id", Integer),
+    Column("workspace_role", Text),
+    Column("experiment_type", Text),
+    Column("step_name", Text),
+    Column("status", Text),
+    Column("workspace_path", Text),
+    *_tracking(generated_at=False),
+    Index("ix_workspace_registry_loop", "task_run_id", "loop_id"),
+)
+
+# Whether each active factor's implementation pointer resolves in the installed factor package
+# (rdagent.factor_impl), recorded by the sync because a view cannot import Python. Keyed like the
+# factor; the pointer it was checked for is kept so a view never shows a result for another pointer.
+factor_impl_resolution = Table(
+    "factor_impl_resolution",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("impl_module", Text),
+    Column("impl_func", Text),
+    Column("impl_version", Text),
+    Column("package", Text),
+    Column("installed_version", Text),
+    Column("status", Text, nullable=False),
+    Column("resolves", Boolean),
+    Column("detail", Text, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+    Column("checked_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("name", "source", name="factor_impl_resolution_pkey"),
+)
+
+# The factor package versions in effect, one row per (package, version) as it was first seen: the
+# history AIstock shows as "implemented at X, installed Y". installed_version NULL = not installed.
+factor_package_version = Table(
+    "factor_package_version",
+    metadata,
+    Column("package", Text, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("import_name", Text, nullable=False),
+    Column("installed_version", Text),
+    Column("last_checked_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("package", "recorded_at", name="factor_package_version_pkey"),
+)
+
 sync_state = Table(
     "sync_state",
     metadata,
@@ -212,6 +315,9 @@ REGISTRY_TABLES: tuple[Table, ...] = (
     model_registry,
     alpha158_meta,
     loop_artifacts,
+    task_run_registry,
+    loop_registry,
+    workspace_registry,
 )
 
 #: Columns maintained by the sync itself rather than derived from the upstream record.
@@ -231,3 +337,20 @@ def ensure_registry_schema(engine: Engine) -> None:
         conn.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_CLASS, DDL_LOCK_ID)))
         conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         metadata.create_all(conn, checkfirst=True)
+        _add_missing_columns(conn)
+        ensure_library_views(conn)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """``ALTER TABLE … ADD COLUMN`` for columns added to a table after it was created (all nullable).
+
+    Only missing columns are added, so an up-to-date schema takes no table lock. Rows synced before keep
+    NULL there until the sync rewrites them (its change detection compares the derived columns too).
+    """
+    present = {(t, c) for t, c in conn.execute(
+        text("SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = :s"), {"s": SCHEMA})}
+    for table in metadata.sorted_tables:
+        for column in table.columns:
+            if (table.name, column.name) not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f"ALTER TABLE {table.fullname} ADD COLUMN {column.name} {kind}"))

@@ -32,11 +32,14 @@ from aistock_pipelines.conventions import RESULTS_API_URL
 from aistock_pipelines.rdagent.catalog_models import (
     CATALOG_KINDS,
     ENVELOPES,
+    RUN_REGISTRY_RECORDS,
     Alpha158Meta,
     CatalogKind,
     CatalogResponse,
     FactorRecord,
     LoopArtifacts,
+    RunRegistryEndpoint,
+    RunRegistryResponse,
 )
 
 log = logging.getLogger(__name__)
@@ -212,6 +215,27 @@ class RDAgentResultsClient:
             )
         result = self._validate(LoopArtifacts, body, what="loop artifacts")
         return result.model_copy(update={"sha256": body.sha256})
+
+    def fetch_run_registry(self, endpoint: RunRegistryEndpoint) -> RunRegistryResponse | None:
+        """``/task_runs``, ``/loops`` or ``/workspaces`` (Phase 2 design); ``None`` when the server does not
+        offer it (404: the real API today)."""
+        if endpoint not in RUN_REGISTRY_RECORDS:
+            raise ValueError(f"unknown registry listing {endpoint!r}; expected one of {', '.join(RUN_REGISTRY_RECORDS)}")
+        body = self._get(f"/{endpoint}")
+        if body is None:
+            return None
+        data = body.data
+        if isinstance(data, dict):
+            data = next((data[k] for k in (endpoint, "items") if isinstance(data.get(k), list)), None)
+        if not isinstance(data, list):
+            raise ResultsApiBadResponse(
+                f"GET {body.url}: expected a list of records (or an object holding one under {endpoint!r} or "
+                "'items'); check the RD-Agent results API version", url=body.url)
+        model = RUN_REGISTRY_RECORDS[endpoint]
+        records = [self._validate(model, _Body(body.url, item, body.sha256, 0), what=f"{endpoint} record #{i}")
+                   for i, item in enumerate(data)]
+        return RunRegistryResponse(endpoint=endpoint, url=body.url, records=[r.model_dump() for r in records],
+                                   sha256=body.sha256)
 
     # -- internals -------------------------------------------------------------------------------
     def _validate(self, model: type[BaseModel], body: _Body, *, what: str) -> Any:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
+from decimal import Decimal
 from typing import Any, Literal, TypeVar, get_args
 
 from sqlalchemy import ColumnElement, Table, false, func, select, true, tuple_, update
@@ -43,7 +44,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from aistock_pipelines.rdagent import registry_schema as rs
-from aistock_pipelines.rdagent.catalog_models import Alpha158Meta, CatalogResponse
+from aistock_pipelines.rdagent.catalog_models import (
+    Alpha158Meta,
+    CatalogResponse,
+    RunRegistryEndpoint,
+    RunRegistryResponse,
+)
 from aistock_pipelines.rdagent.json_values import sanitize_json
 from aistock_pipelines.rdagent.results_client import (
     RDAgentResultsClient,
@@ -57,12 +63,21 @@ log = logging.getLogger(__name__)
 CatalogName = Literal["factors", "strategies", "loops", "models", "alpha158"]
 CATALOGS: tuple[CatalogName, ...] = get_args(CatalogName)
 LOOP_ARTIFACTS = "loop_artifacts"
+#: The Phase 2 registry listings, sync kind -> endpoint (``run_loops`` is ``GET /loops``, named apart from
+#: the loop catalog). Synced when a server offers them; the real API does not (404: "not offered").
+RUN_REGISTRY_ENDPOINTS: dict[str, RunRegistryEndpoint] = {
+    "task_runs": "task_runs", "run_loops": "loops", "workspaces": "workspaces"}
+RUN_REGISTRY_KINDS: tuple[str, ...] = tuple(RUN_REGISTRY_ENDPOINTS)
 #: Everything :func:`sync_all` can sync, in dependency order (artifacts follow the loops).
-SYNC_KINDS: tuple[str, ...] = (*CATALOGS, LOOP_ARTIFACTS)
+SYNC_KINDS: tuple[str, ...] = (*CATALOGS, LOOP_ARTIFACTS, *RUN_REGISTRY_KINDS)
 
 #: Fingerprint of a catalog the server does not publish (404); a value of its own so that a later
 #: publication is a change.
 NOT_PUBLISHED = "not-published"
+#: Fingerprint of a registry listing the server does not offer (404).
+NOT_OFFERED = "not-offered"
+#: What the results sensor fingerprints, in this order (the artifacts need the loop catalog's loops).
+POLL_KINDS: tuple[str, ...] = (*CATALOGS, *RUN_REGISTRY_KINDS, LOOP_ARTIFACTS)
 
 _DETAIL_CHARS = 300
 _KEYS_PER_STATEMENT = 5000
@@ -124,41 +139,86 @@ def catalog_fingerprint(response: CatalogResponse | Alpha158Meta | None) -> str:
     return f"{response.generated_at_utc}|sha256:{response.sha256}"
 
 
+def artifacts_digest(task_run_id: str, loop_id: int, body_sha256: str) -> str:
+    """One loop's part of :func:`artifacts_fingerprint`."""
+    return f"{task_run_id}/{loop_id}:{body_sha256}"
+
+
+def artifacts_fingerprint(digests: Iterable[str]) -> str:
+    """The loop artifacts' fingerprint: over every loop's answer, in any order. The sync stores it in
+    ``sync_state`` and the sensor computes the same one to notice an artifact-only change."""
+    return "sha256:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class PollResult:
     """Fingerprints of the catalogs that answered; per-catalog errors for bodies that were unusable;
-    kinds left for the next poll because the time budget ran out."""
+    kinds left for the next poll because the time budget ran out; the loops the loop catalog lists
+    (``(task_run_id, loop_id)``, sorted; None when it was not read)."""
 
     fingerprints: dict[str, str]
     errors: dict[str, str] = field(default_factory=dict)
     not_polled: tuple[str, ...] = ()
+    loops: tuple[tuple[str, int], ...] | None = None
 
 
 def poll_fingerprints(
     client: RDAgentResultsClient,
-    kinds: Sequence[CatalogName] = CATALOGS,
+    kinds: Sequence[str] = CATALOGS,
     *,
     budget_s: float | None = None,
     clock: Callable[[], float] | None = None,
 ) -> PollResult:
-    """Fetch each catalog once and fingerprint it (there is no ETag/HEAD upstream: a poll is a GET).
+    """Fetch each kind once and fingerprint it (there is no ETag/HEAD upstream: a poll is a GET).
 
-    A server that cannot be reached raises :class:`ResultsApiUnavailable` at the first catalog (no
-    point trying the others); an unusable body only marks its own catalog. With ``budget_s``, no new
-    request is started once the budget is spent (the remaining kinds are returned in ``not_polled``).
+    ``kinds`` are catalogs, registry listings and :data:`LOOP_ARTIFACTS` (see :data:`POLL_KINDS`); the
+    artifacts are fingerprinted over the loops of the loop catalog read earlier in the same poll (one
+    GET per loop; skipped when the loop catalog was not read). A server that cannot be reached raises
+    :class:`ResultsApiUnavailable` at the first request (no point trying the others); an unusable body
+    only marks its own kind. With ``budget_s``, no new request is started once the budget is spent (the
+    remaining kinds are returned in ``not_polled``).
     """
     now = clock or time.monotonic
     started = now()
+
+    def out_of_time() -> bool:
+        return budget_s is not None and now() - started > budget_s
+
     fingerprints: dict[str, str] = {}
     errors: dict[str, str] = {}
+    loops: tuple[tuple[str, int], ...] | None = None
     for index, kind in enumerate(kinds):
-        if budget_s is not None and now() - started > budget_s:
-            return PollResult(fingerprints, errors, tuple(kinds[index:]))
+        if out_of_time():
+            return PollResult(fingerprints, errors, tuple(kinds[index:]), loops)
         try:
-            fingerprints[kind] = catalog_fingerprint(_fetch_envelope(client, kind))
+            if kind == LOOP_ARTIFACTS:
+                if loops is None:
+                    continue
+                fingerprint = _poll_artifacts(client, loops, out_of_time)
+                if fingerprint is None:
+                    return PollResult(fingerprints, errors, tuple(kinds[index:]), loops)
+                fingerprints[kind] = fingerprint
+            elif kind in RUN_REGISTRY_ENDPOINTS:
+                fingerprints[kind] = run_registry_fingerprint(client.fetch_run_registry(RUN_REGISTRY_ENDPOINTS[kind]))
+            else:
+                response = _fetch_envelope(client, kind)  # type: ignore[arg-type]
+                if kind == "loops" and isinstance(response, CatalogResponse):
+                    loops = tuple(sorted({(r["task_run_id"], r["loop_id"]) for r in response.records}))
+                fingerprints[kind] = catalog_fingerprint(response)
         except ResultsApiBadResponse as exc:
             errors[kind] = str(exc)[:_DETAIL_CHARS]
-    return PollResult(fingerprints, errors)
+    return PollResult(fingerprints, errors, (), loops)
+
+
+def _poll_artifacts(client: RDAgentResultsClient, loops: Iterable[tuple[str, int]],
+                    out_of_time: Callable[[], bool]) -> str | None:
+    """:func:`artifacts_fingerprint` of the loops' artifact answers; None when time ran out first."""
+    digests = []
+    for task_run_id, loop_id in loops:
+        if out_of_time():
+            return None
+        digests.append(artifacts_digest(task_run_id, loop_id, client.fetch_loop_artifacts(task_run_id, loop_id).sha256))
+    return artifacts_fingerprint(digests)
 
 
 def _fetch_envelope(client: RDAgentResultsClient, kind: CatalogName) -> CatalogResponse | Alpha158Meta | None:
@@ -183,7 +243,10 @@ def _float(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            return None
     elif isinstance(value, str):
         try:
             number = float(value.strip())
@@ -238,19 +301,25 @@ def _first(record: dict[str, Any], *names: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------ loop metrics
-KPI_COLUMNS = ("annualized_return", "max_drawdown", "sharpe", "ic", "icir", "win_rate")
+KPI_COLUMNS = ("annualized_return", "max_drawdown", "sharpe", "ic", "icir", "win_rate", "rank_ic", "information_ratio")
+#: What ``annualized_return_basis`` says about ``annualized_return``.
+BASIS_WITH_COST = "excess_return_with_cost"
+BASIS_WITHOUT_COST = "excess_return_without_cost"
+BASIS_UNSPECIFIED = "unspecified"
 
 #: Normalised metric leaf name (lower case, alphanumerics only) -> KPI column.
 _KPI_ALIASES: dict[str, str] = {
-    **dict.fromkeys(("annualizedreturn", "annualisedreturn", "annualreturn", "annret", "annualizedret"),
+    **dict.fromkeys(("annualizedreturn", "annualisedreturn", "annualreturn", "annret", "annualizedret", "annreturn"),
                     "annualized_return"),
     **dict.fromkeys(("maxdrawdown", "mdd", "maxdd"), "max_drawdown"),
     **dict.fromkeys(("sharpe", "sharperatio"), "sharpe"),
-    "ic": "ic",
+    **dict.fromkeys(("ic", "icmean"), "ic"),
     "icir": "icir",
     **dict.fromkeys(("winrate", "winratio"), "win_rate"),
+    **dict.fromkeys(("rankic", "rankicmean"), "rank_ic"),
+    **dict.fromkeys(("informationratio", "ir"), "information_ratio"),
 }
-#: Top-level record fields of newer servers, per KPI (these win over ``metrics``).
+#: Top-level record fields of newer servers, per KPI.
 _KPI_FIELDS: dict[str, tuple[str, ...]] = {
     "annualized_return": ("annualized_return",),
     "max_drawdown": ("max_drawdown",),
@@ -258,28 +327,38 @@ _KPI_FIELDS: dict[str, tuple[str, ...]] = {
     "ic": ("ic",),
     "icir": ("icir", "ic_ir"),
     "win_rate": ("win_rate",),
+    "rank_ic": ("rank_ic",),
+    "information_ratio": ("information_ratio",),
 }
 _ARTEFACT_NAME = "Unnamed: 0"
+#: Preference ranks, lower wins: a figure whose cost basis is stated first (with cost, then without),
+#: then a top-level field, then an unprefixed metric name, then any other prefix.
+_WITH_COST, _WITHOUT_COST, _TOP_LEVEL, _UNPREFIXED, _OTHER_PREFIX = range(5)
+_BASIS = {_WITH_COST: BASIS_WITH_COST, _WITHOUT_COST: BASIS_WITHOUT_COST}
 
 
 def _metric_kpi(name: str) -> tuple[str, int] | None:
     """KPI column and preference rank for a metric name; lower rank wins.
 
     Qlib reports ``1day.excess_return_with_cost.*`` and ``1day.excess_return_without_cost.*`` side by
-    side; RD-Agent judges on the with-cost figures, so they rank first, unprefixed names next, any other
-    prefix (without cost, …) last. Only the leaf is matched: ``Rank IC`` is not ``IC``.
+    side; RD-Agent judges on the with-cost figures, so they rank first, without cost next, unprefixed
+    names after a top-level field, any other prefix last. The leaf is matched (``Rank IC`` is not ``IC``),
+    else the whole name without punctuation (``Ann.Ret`` of the catalogs' text summaries).
     """
     parts = name.strip().lower().split(".")
     kpi = _KPI_ALIASES.get(re.sub(r"[^a-z0-9]", "", parts[-1]))
     if kpi is None:
-        return None
+        whole = _KPI_ALIASES.get(re.sub(r"[^a-z0-9]", "", name.lower()))
+        return None if whole is None else (whole, _UNPREFIXED)
     prefix = ".".join(parts[:-1])
     if not prefix:
-        rank = 1
+        rank = _UNPREFIXED
     elif "with_cost" in prefix and "without" not in prefix:
-        rank = 0
+        rank = _WITH_COST
+    elif "without_cost" in prefix:
+        rank = _WITHOUT_COST
     else:
-        rank = 2
+        rank = _OTHER_PREFIX
     return kpi, rank
 
 
@@ -320,22 +399,54 @@ def _metric_pairs(metrics: Any) -> Iterator[tuple[str, Any]]:
                 yield name, value
 
 
-def normalise_kpis(record: dict[str, Any]) -> dict[str, float | None]:
-    """The six KPI columns of a loop record: top-level field first, then the best match in ``metrics``."""
+_TEXT_METRIC = re.compile(
+    r"(?P<name>[A-Za-z][\w .\-/]*?)\s*[:=：]\s*(?P<value>[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*(?P<pct>%?)")
+
+
+def _text_metric_pairs(summary: str) -> Iterator[tuple[str, float]]:
+    """Pairs from a text summary such as ``"Sharpe: 0.61, Ann.Ret: 4.02%"`` (a percentage is divided by
+    100 in decimal, so ``4.02%`` is exactly the float ``0.0402``)."""
+    for match in _TEXT_METRIC.finditer(summary):
+        number = Decimal(match["value"])
+        yield match["name"], float(number / 100 if match["pct"] else number)
+
+
+def _best_kpis(record: dict[str, Any], pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Every KPI column from metric pairs and top-level fields by preference rank, plus the basis."""
     found: dict[str, tuple[int, float]] = {}
-    for name, value in _metric_pairs(record.get("metrics")):
-        matched = _metric_kpi(name)
-        number = _float(value)
-        if matched is None or number is None:
-            continue
-        kpi, rank = matched
-        if kpi not in found or rank < found[kpi][0]:
+
+    def offer(kpi: str, rank: int, number: float | None) -> None:
+        if number is not None and (kpi not in found or rank < found[kpi][0]):
             found[kpi] = (rank, number)
-    result: dict[str, float | None] = {}
-    for kpi in KPI_COLUMNS:
-        top = next((v for v in (_float(record.get(f)) for f in _KPI_FIELDS[kpi]) if v is not None), None)
-        result[kpi] = top if top is not None else (found[kpi][1] if kpi in found else None)
+
+    for name, value in pairs:
+        matched = _metric_kpi(name)
+        if matched is not None:
+            offer(*matched, _float(value))
+    for kpi, fields in _KPI_FIELDS.items():
+        offer(kpi, _TOP_LEVEL, next((v for v in (_float(record.get(f)) for f in fields) if v is not None), None))
+    result: dict[str, Any] = {kpi: found[kpi][1] if kpi in found else None for kpi in KPI_COLUMNS}
+    rank = found["annualized_return"][0] if "annualized_return" in found else None
+    result["annualized_return_basis"] = None if rank is None else _BASIS.get(rank, BASIS_UNSPECIFIED)
     return result
+
+
+def normalise_kpis(record: dict[str, Any]) -> dict[str, Any]:
+    """The KPI columns of a loop record (and ``annualized_return_basis``): the best-ranked figure of each
+    among ``metrics`` and the top-level fields."""
+    return _best_kpis(record, _metric_pairs(record.get("metrics")))
+
+
+FACTOR_KPI_COLUMNS = ("ic", "icir", "rank_ic", "annualized_return", "max_drawdown", "sharpe")
+
+
+def factor_performance(record: dict[str, Any]) -> dict[str, float | None]:
+    """A factor's ``best_performance`` flattened: a mapping (or the pandas artefact) like ``metrics``, a text
+    summary like ``"Sharpe: 0.61, Ann.Ret: 4.02%"``, plus top-level fields; anything else gives NULLs."""
+    performance = record.get("best_performance")
+    pairs = _text_metric_pairs(performance) if isinstance(performance, str) else _metric_pairs(performance)
+    kpis = _best_kpis(record, pairs)
+    return {column: kpis[column] for column in FACTOR_KPI_COLUMNS}
 
 
 # ------------------------------------------------------------------------------ record -> row rules
@@ -351,6 +462,7 @@ def _factor_row(r: dict[str, Any]) -> dict[str, Any]:
         "impl_module": _text(r.get("impl_module")),
         "impl_func": _text(r.get("impl_func")),
         "impl_version": _text(r.get("impl_version")),
+        **factor_performance(r),
     }
 
 
@@ -379,6 +491,27 @@ def strategy_segments(dataset_config: Any) -> dict[str, date | None]:
     return out
 
 
+def _path(value: Any, *keys: str) -> Any:
+    """``value[k1][k2]…`` through nested mappings; None where a level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _string_list(value: Any) -> list[str] | None:
+    """A list's string items (anything else in it dropped); None unless ``value`` is a list."""
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else None
+
+
+def _market(r: dict[str, Any]) -> str | None:
+    """The instrument universe (``csi300``): the record's own field, else the Qlib configs' ``instruments``."""
+    return next((text for text in (_text(v) for v in (
+        r.get("market"), r.get("instruments"), _path(r, "data_config", "instruments"),
+        _path(r, "dataset_config", "kwargs", "handler", "kwargs", "instruments"))) if text is not None), None)
+
+
 def _strategy_row(r: dict[str, Any]) -> dict[str, Any]:
     model_config = r.get("model_config")
     model_class = model_config.get("class") if isinstance(model_config, dict) else None
@@ -395,6 +528,9 @@ def _strategy_row(r: dict[str, Any]) -> dict[str, Any]:
         "model_config": model_config,
         "model_type": _text(model_class),
         **strategy_segments(r.get("dataset_config")),
+        "market": _market(r),
+        "benchmark": _text(_path(r, "backtest_config", "benchmark")) or _text(r.get("benchmark")),
+        "features": _string_list(r.get("feature_list")),
     }
 
 
@@ -430,6 +566,9 @@ def _model_row(r: dict[str, Any]) -> dict[str, Any]:
         "dataset_config": r.get("dataset_config"),
         "feature_schema": r.get("feature_schema"),
         "model_artifacts": r.get("model_artifacts"),
+        **strategy_segments(r.get("dataset_config")),
+        "market": _market(r),
+        "features": _string_list(r.get("flattened_feature_list")) or _string_list(_path(r, "feature_schema", "feature")),
     }
 
 
@@ -459,6 +598,25 @@ def _artifact_row(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _task_run_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {"task_run_id": r["task_run_id"], "scenario": _text(r.get("scenario")), "status": _text(r.get("status")),
+            "created_at_utc": _text(r.get("created_at_utc")), "updated_at_utc": _text(r.get("updated_at_utc"))}
+
+
+def _run_loop_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {"task_run_id": r["task_run_id"], "loop_id": r["loop_id"], "action": _text(r.get("action")),
+            "status": _text(r.get("status")), "has_result": _bool(r.get("has_result")),
+            "best_workspace_id": _text(r.get("best_workspace_id")),
+            "started_at_utc": _text(r.get("started_at_utc")), "ended_at_utc": _text(r.get("ended_at_utc"))}
+
+
+def _workspace_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {"workspace_id": r["workspace_id"], "task_run_id": _text(r.get("task_run_id")),
+            "loop_id": _int(r.get("loop_id")), "workspace_role": _text(r.get("workspace_role")),
+            "experiment_type": _text(r.get("experiment_type")), "step_name": _text(r.get("step_name")),
+            "status": _text(r.get("status")), "workspace_path": _text(r.get("workspace_path"))}
+
+
 @dataclass(frozen=True)
 class _Spec:
     table: Table
@@ -474,6 +632,9 @@ _SPECS: dict[str, _Spec] = {
     "models": _Spec(rs.model_registry, ("model_id",), _model_row, 4),
     "alpha158": _Spec(rs.alpha158_meta, ("name",), _alpha158_row, 5),
     LOOP_ARTIFACTS: _Spec(rs.loop_artifacts, ("artifact_id",), _artifact_row, 6),
+    "task_runs": _Spec(rs.task_run_registry, ("task_run_id",), _task_run_row, 7),
+    "run_loops": _Spec(rs.loop_registry, ("task_run_id", "loop_id"), _run_loop_row, 8),
+    "workspaces": _Spec(rs.workspace_registry, ("workspace_id",), _workspace_row, 9),
 }
 
 
@@ -726,12 +887,12 @@ def sync_loop_artifacts(
                 f"artifacts asked for loop ({task_run_id}, {loop_id}) came back labelled "
                 f"({answer.task_run_id}, {answer.loop_id}); nothing was written — check the results API",
             )
-        digests.append(f"{task_run_id}/{loop_id}:{answer.sha256}")
+        digests.append(artifacts_digest(task_run_id, loop_id, answer.sha256))
         for artifact in answer.artifacts:
             records.append({**artifact.model_dump(), "task_run_id": task_run_id, "loop_id": loop_id})
 
     rows, duplicates = merge_duplicates(LOOP_ARTIFACTS, records)
-    fingerprint = "sha256:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+    fingerprint = artifacts_fingerprint(digests)
     t = rs.loop_artifacts
     if full:
         scope: ColumnElement[bool] = true()
@@ -754,6 +915,40 @@ def sync_loop_artifacts(
         return stats
 
     return _transaction(engine, LOOP_ARTIFACTS, write)
+
+
+def run_registry_fingerprint(response: RunRegistryResponse | None) -> str:
+    """``sha256:<hex of the body>``, or :data:`NOT_OFFERED` for ``None``."""
+    return NOT_OFFERED if response is None else f"sha256:{response.sha256}"
+
+
+def sync_run_registry(engine: Engine, client: RDAgentResultsClient, kind: str) -> SyncStats:
+    """Mirror one registry listing (``task_runs``, ``run_loops``, ``workspaces``) into its table.
+
+    A server that does not offer the endpoint (404) is normal: the state says ``published = false``
+    (fingerprint ``not-offered``), the table is left as it was, nothing fails.
+    """
+    if kind not in RUN_REGISTRY_ENDPOINTS:
+        raise ValueError(f"unknown registry listing {kind!r}; expected one of {', '.join(RUN_REGISTRY_KINDS)}")
+    endpoint = RUN_REGISTRY_ENDPOINTS[kind]
+    try:
+        response = client.fetch_run_registry(endpoint)
+    except ResultsApiError as exc:
+        raise _fetch_failed(kind, exc) from exc
+    if response is None:
+        log.info("RD-Agent results API does not offer /%s (404); %s left as it was", endpoint, kind)
+    rows, duplicates = merge_duplicates(kind, response.records if response is not None else [])
+
+    def write(conn: Connection, now: datetime) -> SyncStats:
+        counts = _Counts() if response is None else _apply(
+            conn, _SPECS[kind], rows, now=now, generated_at_utc=None, scope=true())
+        stats = SyncStats(kind=kind, published=response is not None, fingerprint=run_registry_fingerprint(response),
+                          records=0 if response is None else len(response.records), duplicates_merged=duplicates,
+                          **asdict(counts))
+        _write_state(conn, stats, now=now, envelope=None if response is None else {"endpoint": f"/{endpoint}"})
+        return stats
+
+    return _transaction(engine, kind, write)
 
 
 def sync_all(engine: Engine, client: RDAgentResultsClient, kinds: Iterable[str] | None = None) -> dict[str, SyncStats]:
@@ -780,6 +975,8 @@ def sync_all(engine: Engine, client: RDAgentResultsClient, kinds: Iterable[str] 
         try:
             if kind == LOOP_ARTIFACTS:
                 results[kind] = sync_loop_artifacts(engine, client)
+            elif kind in RUN_REGISTRY_ENDPOINTS:
+                results[kind] = sync_run_registry(engine, client, kind)
             else:
                 results[kind] = sync_catalog(engine, client, kind)  # type: ignore[arg-type]
         except SyncError as exc:

@@ -12,6 +12,7 @@ from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.export import frames
 from aistock_pipelines.export.exporter import QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, FactorTable, FieldSpec
+from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
@@ -36,9 +37,10 @@ def options_for(variant: str) -> SnapshotOptions:
     return SnapshotOptions(**VARIANTS[variant])
 
 
-def make_exporter(url: str, root: Path, mapping: ExportMapping = DEMO_MAPPING) -> QlibDailyExporter:
+def make_exporter(url: str, root: Path, mapping: ExportMapping = DEMO_MAPPING,
+                  market_files: MarketFilesDecl = MarketFilesDecl()) -> QlibDailyExporter:
     engine = create_db_engine(url)
-    return QlibDailyExporter(DBReader(engine, mapping, url), SnapshotWriter(root), MetaRepo(engine))
+    return QlibDailyExporter(DBReader(engine, mapping, url), SnapshotWriter(root), MetaRepo(engine), market_files)
 
 
 def read_h5(path: Path) -> pd.DataFrame:

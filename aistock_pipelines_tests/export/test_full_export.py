@@ -14,7 +14,7 @@ from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.export import qlib_bins, qlib_format
 from aistock_pipelines.export.exporter import DataGateError
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions
-from aistock_pipelines_tests.export.helpers import START, read_h5
+from aistock_pipelines_tests.export.helpers import DEMO_MAPPING, START, make_exporter, read_h5
 
 pytestmark = pytest.mark.db
 
@@ -131,6 +131,11 @@ def test_changed_declaration_rebuilds_instead_of_mixing(exported):
      "UPDATE market.kline_daily_qfq SET open_li = NULL WHERE ctid IN (SELECT ctid FROM market.kline_daily_qfq LIMIT 1)", "NULL prices"),
     ("ALTER TABLE market.kline_daily_qfq DROP CONSTRAINT kline_daily_qfq_pkey;"
      "INSERT INTO market.kline_daily_qfq SELECT * FROM market.kline_daily_qfq LIMIT 1", "duplicate"),
+    # a code that would be a path outside the version folder (it fits varchar(9))
+    ("INSERT INTO market.kline_daily_qfq SELECT '../../../', trade_date, open_li, high_li, low_li, close_li, "
+     "volume_hand, amount_li, adjust_type, source FROM market.kline_daily_qfq WHERE ts_code = "
+     "(SELECT min(ts_code) FROM market.kline_daily_qfq)",
+     r"malformed ts_code\(s\) \['\.\./\.\./\.\./'\] in market\.kline_daily_qfq"),
 ])
 def test_data_gates_refuse_and_keep_the_previous_snapshot(exported, market_db, corruption, message):
     ex, result, path = exported
@@ -141,6 +146,27 @@ def test_data_gates_refuse_and_keep_the_previous_snapshot(exported, market_db, c
     with pytest.raises(DataGateError, match=message):
         ex.export_full("demo", START)
     assert (path / "daily_pv.h5").read_bytes() == before
-    # the refused export's own version — bins written beside its read included — is gone
+    # the refused export's own version — bins written beside its read included — is gone, nothing else made
     assert list((path.parent / ".versions").iterdir()) == [path.resolve()]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".locks", ".versions", "demo"]
+    engine.dispose()
+
+
+def test_a_bar_without_its_raw_row_is_refused_unless_declared(exported, market_db, tmp_path):
+    """A bar whose raw-table row is missing would get NaN factor, volume and vwap: refused, naming the
+    table and the row, unless the mapping declares ``missing_raw: nan`` — then exported with exactly those NaN."""
+    from dataclasses import replace
+
+    ex, _, path = exported
+    engine = create_db_engine(market_db)
+    with engine.begin() as conn:
+        code, day = conn.exec_driver_sql("DELETE FROM market.kline_daily_raw WHERE ctid IN (SELECT ctid FROM "
+                                         "market.kline_daily_raw WHERE trade_date = '2022-03-02' LIMIT 1) "
+                                         "RETURNING ts_code, trade_date").one()
+    with pytest.raises(DataGateError, match=rf"without a usable raw close in market.kline_daily_raw .*: 2022-03-02 {code}"):
+        ex.export_full("demo", START)
+    lenient = make_exporter(market_db, tmp_path / "lenient", replace(DEMO_MAPPING, missing_raw="nan"))
+    lenient.export_full("demo", START)
+    row = read_h5(tmp_path / "lenient" / "demo").loc[(pd.Timestamp(day), code)]
+    assert np.isnan(row[["factor", "volume", "vwap"]]).all() and row["close"] > 0
     engine.dispose()

@@ -87,8 +87,9 @@ def test_a_recycled_file_another_name_holds_or_changed_since_is_never_written(tm
     held = release.read_bytes()
     completed = time.time()
     os.utime(older / "sz000001" / "volume.day.bin", (completed + 5, completed + 5))  # changed since
-    untouched = os.stat(older / "sz000001" / "close.day.bin").st_ino
-    restated = os.stat(older / "sz000003" / "close.day.bin").st_ino
+    # open descriptors keep the old inodes from being freed (and their numbers reused) during the write
+    untouched = os.open(older / "sz000001" / "close.day.bin", os.O_RDONLY)
+    restated = os.open(older / "sz000003" / "close.day.bin", os.O_RDONLY)
     reuse = reuse_of(older, extended, {n: (0, 49) for n in names}, rewrite=frozenset({"sz000003"}),
                      trusted_before=completed)
     assert qlib_bins.write_bins(extended, whole, calendar, ["close", "volume"], reuse=reuse) == 8
@@ -97,8 +98,11 @@ def test_a_recycled_file_another_name_holds_or_changed_since_is_never_written(tm
     assert sorted(p.name for p in extended.iterdir()) == names
     assert read_bins_under(extended) == read_bins_under(fresh)
     assert release.read_bytes() == held and os.stat(release).st_nlink == 1, "never written into; unlinked"
-    assert os.stat(extended / "sz000001" / "close.day.bin").st_ino != untouched, "its folder was written anew"
-    assert os.stat(extended / "sz000003" / "close.day.bin").st_ino != restated
+    assert os.stat(extended / "sz000001" / "close.day.bin").st_ino != os.fstat(untouched).st_ino, \
+        "its folder was written anew"
+    assert os.stat(extended / "sz000003" / "close.day.bin").st_ino != os.fstat(restated).st_ino
+    os.close(untouched)
+    os.close(restated)
 
 
 def read_bins_under(features: Path) -> dict:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
+from contextlib import closing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,9 @@ from typing import Any
 import pytest
 from dagster import (
     AssetCheckSeverity,
+    FloatMetadataValue,
+    IntMetadataValue,
+    TableMetadataValue,
     AssetKey,
     DagsterInstance,
     Definitions,
@@ -23,7 +28,7 @@ from dagster import (
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from aistock_pipelines.demo.rdagent_results_builder import build_demo_results_dir, load_demo_catalog
+from aistock_pipelines.demo.rdagent_results_builder import WS_D, build_demo_results_dir, load_demo_catalog
 from aistock_pipelines.rdagent import registry_schema as rs
 from aistock_pipelines.orchestration.rdagent_assets import (
     CHECK_NAME,
@@ -31,6 +36,7 @@ from aistock_pipelines.orchestration.rdagent_assets import (
     RDAGENT_ASSETS,
     SENSOR_NAME,
     factor_package_check,
+    rdagent_assets,
     rdagent_definitions,
     rdagent_results_sensor,
     results_client,
@@ -41,9 +47,10 @@ from aistock_pipelines.rdagent.sync import NOT_PUBLISHED, catalog_fingerprint
 from aistock_pipelines.resources import AIstockDatabase, RDAgentResultsApi, resources_for
 from aistock_pipelines.settings import Settings
 from aistock_pipelines_tests.rdagent.fixtures import HANG
+from aistock_pipelines_tests.rdagent.generated_results import generate_results_dir
 
-ALL_KEYS = [AssetKey(["rdagent", n]) for n in
-            ("factor_catalog", "strategy_catalog", "loop_catalog", "model_catalog", "alpha158_meta", "loop_artifacts")]
+ALL_KEYS = [AssetKey(["rdagent", n]) for n in ("factor_catalog", "strategy_catalog", "loop_catalog", "model_catalog",
+                                               "alpha158_meta", "loop_artifacts", "run_registry")]
 
 
 def key(name: str) -> AssetKey:
@@ -104,6 +111,10 @@ def test_sensor_client_timeouts_are_capped() -> None:
         assert (client._http.timeout.connect, client._http.timeout.read) == (30, 120)
 
 
+sync_metadata_keys = {"published", "inserted", "updated", "unchanged", "deactivated", "reactivated", "records",
+                      "duplicates_merged", "generated_at_utc", "fingerprint"}
+
+
 def test_materialize_with_real_resources(
     registry_engine: Engine, demo_server: str, instance: DagsterInstance
 ) -> None:
@@ -116,7 +127,7 @@ def test_materialize_with_real_resources(
     assert set(meta) == set(ALL_KEYS)
     with RDAgentResultsClient(demo_server) as client:
         factors = client.fetch_catalog("factors")
-    assert meta[key("factor_catalog")] == {
+    assert {k: v for k, v in meta[key("factor_catalog")].items() if k in sync_metadata_keys} == {
         "published": True, "inserted": 15, "updated": 0, "unchanged": 0, "deactivated": 0, "reactivated": 0,
         "records": 16, "duplicates_merged": 1, "generated_at_utc": "2026-01-14T08:30:12.345678+00:00",
         "fingerprint": catalog_fingerprint(factors),
@@ -187,7 +198,8 @@ def test_sensor_requests_only_the_changed_catalog(
     assert request.asset_selection == ALL_KEYS
     assert request.tags["aistock/job"] == "rdagent_sync"
     cursor = json.loads(first.cursor)
-    assert set(cursor) == {"factors", "strategies", "loops", "models", "alpha158"}
+    assert set(cursor) == {"factors", "strategies", "loops", "models", "alpha158", "loop_artifacts", "task_runs",
+                           "run_loops", "workspaces"}
     run = _run(defs, request, instance)
     assert run.success and run.dagster_run.tags["aistock/job"] == "rdagent_sync"
     assert len(run.get_asset_check_evaluations()) == 1  # the job carries the check
@@ -265,8 +277,102 @@ def test_sensor_with_one_unreadable_catalog(fake_api, instance: DagsterInstance)
     result = tick(instance, server.base_url, None)
     assert result.run_requests[0].asset_selection == [
         key("strategy_catalog"), key("loop_catalog"), key("model_catalog"), key("alpha158_meta"), key("loop_artifacts"),
+        key("run_registry"),
     ]
     cursor = json.loads(result.cursor)
     assert "factors" not in cursor and cursor["alpha158"] == NOT_PUBLISHED  # factors retried next tick
     again = tick(instance, server.base_url, result.cursor)
     assert isinstance(again, SkipReason) and again.skip_message == "no RD-Agent catalog changed (unreadable: factors)"
+
+
+#: asset -> the key of its glance table in the materialization metadata
+GLANCE_TABLES = {"factor_catalog": "top_factors", "strategy_catalog": "top_strategies", "loop_catalog": "newest_loops",
+                 "model_catalog": "newest_models", "alpha158_meta": "alpha158_sample",
+                 "loop_artifacts": "artifacts_by_loop", "run_registry": "registry_listings"}
+
+
+def test_each_catalog_asset_shows_the_library(
+    registry_engine: Engine, tmp_path: Path, start_server, instance: DagsterInstance
+) -> None:
+    """Hundreds of generated factors and loops: every asset's latest materialization in the instance's
+    event log carries its table (with a schema) and the numbers the Plots tab draws."""
+    generated = generate_results_dir(tmp_path / "generated")
+    db_url = registry_engine.url.render_as_string(hide_password=False)
+    result = materialize(rdagent_assets(DEMO_FACTOR_PACKAGES), instance=instance,
+                         resources=resources(db_url, start_server(generated.path)))
+    assert result.success
+    metadata = {}
+    for name, table_key in GLANCE_TABLES.items():
+        event = instance.get_latest_materialization_event(key(name))
+        assert event is not None and event.run_id == result.run_id
+        metadata[name] = meta = event.asset_materialization.metadata
+        table = meta[table_key]
+        assert isinstance(table, TableMetadataValue) and table.records, name
+        columns = [c.name for c in table.schema.columns]
+        assert all(set(r.data) == set(columns) for r in table.records), name
+
+    factors = metadata["factor_catalog"]
+    ics = [f["ic"] for f in generated.factors.values() if f["ic"] is not None]
+    assert isinstance(factors["best_ic"], FloatMetadataValue) and factors["best_ic"].value == max(ics)
+    assert isinstance(factors["factors"], IntMetadataValue) and factors["factors"].value == len(generated.factors)
+    assert factors["factors_with_ic"].value == len(ics)
+    resolving = sum(f["impl_resolves"] is True for f in generated.factors.values())
+    assert factors["pointers_resolving"].value == factors["impl_resolving"].value == resolving
+    top = [r.data for r in factors["top_factors"].value.records]
+    assert [r["ic"] for r in top] == sorted(ics, reverse=True)[:len(top)]
+    best = max(generated.factors, key=lambda k: generated.factors[k]["ic"] or -1)
+    assert (top[0]["name"], top[0]["source"], top[0]["impl_resolves"]) == (*best, generated.factors[best]["impl_resolves"])
+
+    loops = metadata["loop_catalog"]
+    assert loops["loops"].value == len(generated.loops)
+    assert loops["loops_positive_decision"].value == sum(v["decision"] is True for v in generated.loops.values())
+    returns = [v["annualized_return"] for v in generated.loops.values() if v["annualized_return"] is not None]
+    assert loops["best_annualized_return"].value == max(returns)
+    newest = loops["newest_loops"].value.records[0].data
+    expected = generated.loops[(newest["task_run_id"], newest["loop_id"], newest["workspace_id"])]
+    assert {k: newest[k] for k in ("annualized_return", "annualized_return_basis", "ic", "decision")} == {
+        k: expected[k] for k in ("annualized_return", "annualized_return_basis", "ic", "decision")}
+
+    assert metadata["strategy_catalog"]["strategies"].value == len(generated.strategies)
+    assert metadata["model_catalog"]["models"].value == len(generated.models)
+    assert metadata["alpha158_meta"]["alpha158_factors"].value == generated.records["alpha158"]
+    artifacts = metadata["loop_artifacts"]
+    assert artifacts["artifacts"].value == generated.records["loop_artifacts"]
+    rows = [r.data for r in artifacts["artifacts_by_loop"].value.records]
+    assert any(r["files"].startswith("out/") and r["total_bytes"] > 0 for r in rows)
+    assert any(r["summary"] == '{"ic": 0.0312, "note": "月度"}' for r in rows)  # sorted keys, as written
+    assert any(r["summary"] == "(612 characters, not shown)" for r in rows)
+    listings = [r.data for r in metadata["run_registry"]["registry_listings"].value.records]
+    assert listings == [{"listing": k, "offered": False, "rows": 0} for k in ("task_runs", "run_loops", "workspaces")]
+
+
+def test_sensor_sees_an_artifact_only_change(
+    registry_engine: Engine, results_dir: Path, start_server, instance: DagsterInstance
+) -> None:
+    base_url = start_server(results_dir)
+    db_url = registry_engine.url.render_as_string(hide_password=False)
+    defs = Definitions.merge(rdagent_definitions(factor_packages=DEMO_FACTOR_PACKAGES),
+                             Definitions(resources=resources(db_url, base_url)))
+    first = tick(instance, base_url, None)
+    assert _run(defs, first.run_requests[0], instance).success
+    assert isinstance(tick(instance, base_url, first.cursor), SkipReason)
+
+    # RD-Agent registers one more file of a loop's report; no catalog changes
+    with closing(sqlite3.connect(results_dir / "registry.sqlite")) as conn, conn:
+        conn.execute("INSERT INTO artifact_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     ("file-d-curve", "art-d-report", WS_D, "ret_curve.png", "ab" * 32, 90111,
+                      "2025-12-18T11:03:00+00:00", "image"))
+    changed = tick(instance, base_url, first.cursor)
+    assert isinstance(changed, SensorResult)
+    [request] = changed.run_requests
+    assert request.asset_selection == [key("loop_artifacts")] and request.tags["rdagent/changed"] == "loop_artifacts"
+    run = _run(defs, request, instance)
+    [event] = run.get_asset_materialization_events()
+    meta = event.materialization.metadata
+    assert (meta["updated"].value, meta["unchanged"].value) == (1, 6)
+    # the sensor's fingerprint is the one the sync records
+    assert json.loads(changed.cursor)["loop_artifacts"] == meta["fingerprint"].value
+    with registry_engine.connect() as conn:
+        files = conn.execute(select(rs.loop_artifacts.c.files).where(rs.loop_artifacts.c.artifact_id == "art-d-report"))
+        assert [f["path"] for f in files.scalar_one()] == ["ret.pkl", "ret_curve.png"]
+    assert isinstance(tick(instance, base_url, changed.cursor), SkipReason)

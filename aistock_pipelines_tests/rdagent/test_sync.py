@@ -96,8 +96,10 @@ def test_full_sync_counts(registry_engine: Engine, demo_server: str) -> None:
         "models": (4, 0, 4, 0, 0, 0),
         "alpha158": (20, 0, 20, 0, 0, 0),
         "loop_artifacts": (7, 0, 7, 0, 0, 0),
+        "task_runs": (0, 0, 0, 0, 0, 0), "run_loops": (0, 0, 0, 0, 0, 0), "workspaces": (0, 0, 0, 0, 0, 0),
     }
-    assert all(s.published for s in results.values())
+    assert [k for k, s in results.items() if s.published] == [*sync.CATALOGS, "loop_artifacts"]
+    assert {results[k].fingerprint for k in sync.RUN_REGISTRY_KINDS} == {sync.NOT_OFFERED}  # the real API's 404
     assert results["factors"].generated_at_utc == GENERATED
     assert results["alpha158"].generated_at_utc == "2026-01-10T02:15:40.118204+00:00"
     assert results["factors"].fingerprint.startswith(f"{GENERATED}|sha256:")
@@ -230,6 +232,7 @@ def test_resync_changes_nothing_but_last_seen(synced: Engine, demo_server: str) 
     assert {k: (s.inserted, s.updated, s.deactivated, s.unchanged) for k, s in again.items()} == {
         "factors": (0, 0, 0, 15), "strategies": (0, 0, 0, 3), "loops": (0, 0, 0, 6),
         "models": (0, 0, 0, 4), "alpha158": (0, 0, 0, 20), "loop_artifacts": (0, 0, 0, 7),
+        "task_runs": (0, 0, 0, 0), "run_loops": (0, 0, 0, 0), "workspaces": (0, 0, 0, 0),
     }
     after = everything(synced)
     for name in (t.name for t in rs.REGISTRY_TABLES):
@@ -449,7 +452,7 @@ def test_failure_after_writes_rolls_back(synced: Engine, results_dir: Path, star
          {"annualized_return": 0.04}),
         ({"metrics": [{"Unnamed: 0": "IC", "0": 0.03}, {"Unnamed: 0": "Rank IC", "0": 0.9},
                       {"Unnamed: 0": "ICIR", "0": "0.25"}]},
-         {"ic": 0.03, "icir": 0.25}),
+         {"ic": 0.03, "icir": 0.25, "rank_ic": 0.9}),
         ({"metrics": {"Unnamed: 0": {"0": "IC", "1": "1day.excess_return_without_cost.max_drawdown",
                                      "2": "1day.excess_return_with_cost.max_drawdown"},
                       "0": {"0": 0.02, "1": -0.05, "2": -0.07}}},
@@ -458,18 +461,32 @@ def test_failure_after_writes_rolls_back(synced: Engine, results_dir: Path, star
          {"sharpe": 1.1, "win_rate": 0.55}),
         ({"metrics": {"1day.excess_return_without_cost.annualized_return": 0.2, "annualized_return": 0.1,
                       "max_drawdown": -0.1, "mdd": -0.3, "IC_IR": 0.4, "information_ratio": 2.0}},
-         {"annualized_return": 0.1, "max_drawdown": -0.1, "icir": 0.4}),
+         {"annualized_return": 0.2, "annualized_return_basis": "excess_return_without_cost", "max_drawdown": -0.1,
+          "icir": 0.4, "information_ratio": 2.0}),
         ({"sharpe": 1.57, "ic_ir": 0.31, "metrics": {"sharpe": 1.0, "icir": 0.2, "win_rate": 0.6}},
          {"sharpe": 1.57, "icir": 0.31, "win_rate": 0.6}),
-        ({"metrics": {"ic": True, "sharpe": "n/a", "win_rate": None}}, {}),
+        ({"annualized_return": 0.3, "metrics": {"Unnamed: 0": {"0": "1day.excess_return_without_cost.annualized_return",
+                                                              "1": "1day.excess_return_with_cost.annualized_return",
+                                                              "2": "1day.excess_return_with_cost.information_ratio"},
+                                                "0": {"0": 0.25, "1": 0.21, "2": 1.4}}},
+         {"annualized_return": 0.21, "annualized_return_basis": "excess_return_with_cost", "information_ratio": 1.4}),
+        ({"annualized_return": 0.3, "rank_ic": 0.05, "metrics": {"annualized_return": 0.1, "Rank IC": 0.04}},
+         {"annualized_return": 0.3, "annualized_return_basis": "unspecified", "rank_ic": 0.05}),
+        ({"metrics": {"ic_mean": 0.02, "rank_ic_mean": 0.03, "ann_return": 0.1, "mdd": -0.2}},
+         {"ic": 0.02, "rank_ic": 0.03, "annualized_return": 0.1, "annualized_return_basis": "unspecified",
+          "max_drawdown": -0.2}),
+        ({"metrics": {"ic": True, "sharpe": "n/a", "win_rate": None, "max_drawdown": 10 ** 400, "ic_ir": "NaN"}}, {}),
         ({"metrics": "not a dict"}, {}),
         ({}, {}),
     ],
     ids=["artefact-record", "artefact-list", "artefact-columns", "artefact-lists", "dict-spellings",
-         "top-level-wins", "non-numbers", "garbage", "absent"],
+         "top-level-wins", "with-cost-wins", "top-level-over-unprefixed", "registry-names", "non-numbers",
+         "garbage", "absent"],
 )
 def test_normalise_kpis(record: dict, expected: dict) -> None:
-    full = dict.fromkeys(sync.KPI_COLUMNS)
+    full: dict[str, Any] = dict.fromkeys((*sync.KPI_COLUMNS, "annualized_return_basis"))
+    if "annualized_return" in expected and "annualized_return_basis" not in expected:
+        expected = {**expected, "annualized_return_basis": "excess_return_with_cost"}
     full.update(expected)
     assert normalise_kpis(record) == full
 
