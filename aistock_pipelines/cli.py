@@ -11,12 +11,14 @@ import json
 import logging
 import os
 import sys
+import traceback
 from datetime import date
 from pathlib import Path
 from typing import Sequence
 
 from aistock_pipelines.conventions import RESULTS_API_HOST, RESULTS_API_PORT
-from aistock_pipelines.settings import ENV_VARS, Settings
+from aistock_pipelines.release_cli import add_release_commands
+from aistock_pipelines.settings import ENV_VARS, Settings, SettingsError
 
 log = logging.getLogger("aistock_pipelines")
 
@@ -246,12 +248,12 @@ def cmd_rdagent_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_settings(_: argparse.Namespace) -> int:
-    from aistock_pipelines.db import redact
+    from aistock_pipelines.db import passwords, redact
 
     settings = _settings()
     for name, (default, meaning) in ENV_VARS.items():
         value = os.environ.get(name, "")
-        if value and name.endswith("DB_URL"):
+        if value and (name.endswith("DB_URL") or passwords(value)):
             value = redact(value)
         print(f"{name:24} {value or '(default: ' + default + ')'}\n{'':24} {meaning}")
     print(f"\nresolved: deployment={settings.deployment} home={settings.home} snapshots={settings.snapshot_root}")
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--days", type=int, default=850, help="trading days of the demo market when seeding (default 850)")
     run.set_defaults(func=cmd_demo_run)
 
-    snapshots = sub.add_parser("snapshots", help="exported snapshots (read-only)")
+    snapshots = sub.add_parser("snapshots", help="exported snapshots: listings, releases, rollback, diff")
     snapshots_sub = snapshots.add_subparsers(dest="snapshots_command", required=True)
     listing = snapshots_sub.add_parser("list", help="declared and exported snapshots: range, size, fields, as-of")
     listing.add_argument("--json", action="store_true")
@@ -322,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = snapshots_sub.add_parser("show", help="one snapshot's meta.json and path")
     show.add_argument("snapshot_id")
     show.set_defaults(func=cmd_snapshots_show)
+    add_release_commands(snapshots_sub)  # release, verify, history, rollback, diff, keep, prune
 
     rdagent = sub.add_parser("rdagent", help="RD-Agent results API: serve a results directory, sync into AIstock")
     rdagent_sub = rdagent.add_subparsers(dest="rdagent_command", required=True)
@@ -347,7 +350,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("numexpr").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:  # a clear message says it all; no traceback
+        print(f"aistock-pipelines: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        shown = _scrubbed_traceback(exc)
+        if shown is None:
+            raise
+        print(shown, file=sys.stderr, end="")
+        return 1
+
+
+def _scrubbed_traceback(exc: BaseException) -> str | None:
+    """The traceback with the configured URLs' passwords masked, or None when it shows none of them."""
+    from aistock_pipelines.db import passwords, scrub
+
+    text = "".join(traceback.format_exception(exc))
+    urls = [os.environ.get(name, "") for name in ("AISTOCK_DB_URL", "RDAGENT_RESULTS_URL")]
+    if not any(secret in text for url in urls for secret in passwords(url)):
+        return None
+    for url in urls:
+        text = scrub(text, url)
+    return text
 
 
 if __name__ == "__main__":

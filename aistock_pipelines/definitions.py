@@ -1,4 +1,5 @@
-"""The Dagster code location: each domain's Definitions (market, snapshots, RD-Agent) merged with the resources."""
+"""The Dagster code location: each domain's Definitions (market, snapshots, releases, RD-Agent) merged with the
+resources."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dagster import DefaultSensorStatus, Definitions
 
 from aistock_pipelines.orchestration.market_assets import market_definitions
 from aistock_pipelines.orchestration.rdagent_assets import rdagent_definitions
+from aistock_pipelines.orchestration.releases import release_definitions
 from aistock_pipelines.orchestration.snapshot_definitions import snapshot_definitions
 from aistock_pipelines.orchestration.trading_day_partitions import SettingsRegistrar
 from aistock_pipelines.resources import resources_for
@@ -20,6 +22,7 @@ def build_definitions(settings: Settings) -> Definitions:
     return Definitions.merge(
         market_definitions(config),
         snapshot_definitions(config, SettingsRegistrar(settings, config)),
+        release_definitions(config),
         rdagent,
         Definitions(resources=resources_for(settings)),
     )

@@ -186,24 +186,59 @@ def run_demo(settings: Settings, serve: bool = True, reseed: bool = False, port:
 
 
 def ensure_results_api(settings: Settings, stack: ExitStack) -> str:
-    """The RD-Agent results API the demo syncs from: an existing one at ``RDAGENT_RESULTS_URL`` if it
-    answers, otherwise the demo results directory served from this process (at that address when it is
-    local and free, else on an ephemeral local port)."""
+    """The RD-Agent results API the demo syncs from: the one at ``RDAGENT_RESULTS_URL`` if it is a results
+    API serving the demo catalogs, otherwise the demo results directory served from this process (at that
+    address when it is local and free, else on an ephemeral local port)."""
     from aistock_pipelines.demo.rdagent_results_builder import build_demo_results_dir
-    from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
     from aistock_pipelines.rdagent.results_server import serve_in_thread
 
     url = settings.rdagent_results_url
-    with RDAgentResultsClient(url, connect_timeout=1.0, read_timeout=2.0, retries=0) as client:
-        if client.health():
-            return url
+    problem = demo_api_problem(url)
+    if problem is None:
+        log.info("using the demo RD-Agent results API already answering at %s", url)
+        return url
+    # nothing there is the usual case; another service on the port is worth the user's attention
+    (log.info if problem == NO_RESULTS_API else log.warning)(
+        "not syncing from %s (%s): serving the demo's own results API", url, problem)
     results_dir = build_demo_results_dir(settings.home / "rdagent_results")
     parts = urlsplit(url)
     local = parts.hostname in ("127.0.0.1", "localhost")
     try:
-        return stack.enter_context(serve_in_thread(results_dir, "127.0.0.1", (parts.port or 80) if local else 0))
-    except OSError:  # the configured port is taken by something that is not a results API
-        return stack.enter_context(serve_in_thread(results_dir, "127.0.0.1", 0))
+        served = stack.enter_context(serve_in_thread(results_dir, "127.0.0.1", (parts.port or 80) if local else 0))
+    except OSError:  # the configured port is taken by something that is not the demo's results API
+        served = stack.enter_context(serve_in_thread(results_dir, "127.0.0.1", 0))
+    log.info("serving the demo RD-Agent results (%s) at %s", results_dir, served)
+    return served
+
+
+#: What :func:`demo_api_problem` says when nothing answers (the usual case: the demo serves its own).
+NO_RESULTS_API = "no results API answers there"
+#: Catalogs compared with the bundled demo files: (kind, file, list key).
+_DEMO_CATALOG_PROBES = (("factors", "factor_catalog.json", "factors"), ("loops", "loop_catalog.json", "loops"))
+
+
+def demo_api_problem(url: str) -> str | None:
+    """Why ``url`` is not a results API serving the demo catalogs, or None when it is.
+
+    ``/health`` alone proves nothing: any service may answer it, and the demo would sync its answers.
+    """
+    from aistock_pipelines.demo.rdagent_results_builder import load_demo_catalog
+    from aistock_pipelines.rdagent.json_values import sanitize_json
+    from aistock_pipelines.rdagent.results_client import RDAgentResultsClient, ResultsApiError
+
+    with RDAgentResultsClient(url, connect_timeout=1.0, read_timeout=2.0, retries=0, request_deadline=5.0) as client:
+        if not client.health():
+            return NO_RESULTS_API
+        for kind, file_name, list_key in _DEMO_CATALOG_PROBES:
+            demo = load_demo_catalog(file_name)
+            try:
+                served = client.fetch_catalog(kind)
+            except ResultsApiError as exc:
+                return f"it answers /health, but /catalog/{kind} is unusable: {exc}"
+            if served is None or (served.generated_at_utc, served.records) != (
+                    demo["generated_at_utc"], sanitize_json(demo[list_key])):
+                return f"it answers /health, but its {kind} catalog is not the demo's"
+    return None
 
 
 def sync_demo_rdagent_results(settings: Settings, console: StepConsole) -> None:

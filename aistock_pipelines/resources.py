@@ -5,19 +5,22 @@ so ``dagster definitions validate`` stays instant). ``production``: the database
 from the environment as an ``EnvVar`` (Dagster shows and stores the variable's name, never the password);
 every other setting is the value :class:`Settings` resolved, defaults included, exactly as in ``local``
 (an ``EnvVar`` of an unset variable would fail every run and sensor tick instead of using the default).
+A URL that carries a password is passed as ``EnvVar`` in every deployment (:func:`secret_aware`): Dagster
+shows resource config in the UI and stores it in every run's job snapshot.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
 from sqlalchemy.engine import Engine
 
 from aistock_pipelines.conventions import RESULTS_API_URL
-from aistock_pipelines.db import engine_for, libpq_url, redact
+from aistock_pipelines.db import engine_for, libpq_url, passwords, redact
 from aistock_pipelines.embedded_db import resolve_db_url
-from aistock_pipelines.settings import Settings
+from aistock_pipelines.settings import Settings, SettingsError
 
 
 class AIstockDatabase(ConfigurableResource):
@@ -59,6 +62,22 @@ class RDAgentResultsApi(ConfigurableResource):
     base_url: str = RESULTS_API_URL
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 15.0
+    request_deadline_s: float = 60.0  # whole request, retries included (a dripping server is cut off)
+
+
+def secret_aware(variable: str, value: str | None) -> str | EnvVar:
+    """``value`` as resource config: itself, or ``EnvVar(variable)`` when it carries a password.
+
+    A password that does not come from ``variable`` has no secret-aware form and is refused.
+    """
+    if value is None or not passwords(value):
+        return value or ""
+    if os.environ.get(variable, "").strip().rstrip("/") == value.rstrip("/"):
+        return EnvVar(variable)
+    raise SettingsError(
+        f"{variable} {redact(value)} carries a password but is not the {variable} environment variable: "
+        f"set it in the environment (Dagster then shows the variable's name, never the password)"
+    )
 
 
 def resources_for(settings: Settings) -> dict[str, ConfigurableResource]:
@@ -67,10 +86,12 @@ def resources_for(settings: Settings) -> dict[str, ConfigurableResource]:
         return {
             "aistock_db": AIstockDatabase(url=EnvVar("AISTOCK_DB_URL"), home=str(settings.home)),
             "snapshot_store": SnapshotStore(root=str(settings.snapshot_root)),
-            "rdagent_api": RDAgentResultsApi(base_url=settings.rdagent_results_url),
+            "rdagent_api": RDAgentResultsApi(
+                base_url=secret_aware("RDAGENT_RESULTS_URL", settings.rdagent_results_url)
+            ),
         }
     return {
-        "aistock_db": AIstockDatabase(url=settings.db_url or "", home=str(settings.home)),
+        "aistock_db": AIstockDatabase(url=secret_aware("AISTOCK_DB_URL", settings.db_url), home=str(settings.home)),
         "snapshot_store": SnapshotStore(root=str(settings.snapshot_root)),
-        "rdagent_api": RDAgentResultsApi(base_url=settings.rdagent_results_url),
+        "rdagent_api": RDAgentResultsApi(base_url=secret_aware("RDAGENT_RESULTS_URL", settings.rdagent_results_url)),
     }

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
+from urllib.parse import urlsplit
 
 from aistock_pipelines.conventions import RESULTS_API_URL
 
@@ -36,6 +37,24 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable and the fix."""
+
+
+def _check_db_url(url: str) -> None:
+    """Refuse a URL libpq and SQLAlchemy cannot use, naming it with its password masked."""
+    parts = urlsplit(url)
+    why = ""
+    if parts.scheme.split("+")[0] not in ("postgresql", "postgres"):
+        why = f"scheme {parts.scheme or '(none)'!r} is not postgresql"
+    else:
+        try:
+            parts.port
+        except ValueError:
+            why = "its port is not a number"
+    if why:
+        from aistock_pipelines.db import redact  # SQLAlchemy only when the URL is wrong
+
+        raise SettingsError(f"AISTOCK_DB_URL {redact(url)} is not a usable PostgreSQL URL ({why}); expected "
+                            "postgresql://user:password@host:5432/database")
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,8 @@ class Settings:
                 "AISTOCK_DEPLOYMENT=production needs AISTOCK_DB_URL (the AIstock PostgreSQL database); "
                 "the embedded database is for local use only"
             )
+        if db_url is not None:
+            _check_db_url(db_url)
         home = Path(env.get("AISTOCK_HOME", "") or Path.cwd() / ".aistock").expanduser().resolve()
         snapshot_root = Path(env.get("AISTOCK_SNAPSHOT_ROOT", "") or home / "snapshots").expanduser().resolve()
         snapshots_file = Path(env.get("AISTOCK_SNAPSHOTS_FILE", "") or DEMO_SNAPSHOTS_FILE).expanduser().resolve()

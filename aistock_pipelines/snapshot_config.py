@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aistock_pipelines.conventions import TS_CODE
 from aistock_pipelines.export.benchmarks import BenchmarksDecl
@@ -82,13 +82,16 @@ class SnapshotLayout(_Strict):
     qlib_bins: bool = Field(True, description="also write Qlib's features/*.day.bin")
     debug_years: int = Field(2, ge=1, description="years of history in the RD-Agent debug frame")
     debug_instruments: int = Field(100, ge=1, description="instruments in the RD-Agent debug frame")
+    suspended_days: Literal["nan_rows", "omit"] = Field(
+        "nan_rows", description="nan_rows: a NaN row per trading day an instrument did not trade inside its "
+                                "span (RD-Agent's layout); omit: rows only for bars")
 
     def options(self) -> SnapshotOptions:
         """The exporter's form of these options."""
         return SnapshotOptions(columns=self.columns, instruments=self.instruments, dtype=self.dtype,
                                factor_tables=tuple(self.factor_tables) if self.factor_tables is not None else None,
                                qlib_bins=self.qlib_bins, debug_years=self.debug_years,
-                               debug_instruments=self.debug_instruments)
+                               debug_instruments=self.debug_instruments, suspended_days=self.suspended_days)
 
 
 class _SnapshotIdentity(_Strict):
@@ -96,6 +99,8 @@ class _SnapshotIdentity(_Strict):
     start: date
     end: date | None = None
     universe: Literal["all"] | list[str] = "all"
+    universes: list[str] | None = Field(None, description="the declared universe files this snapshot holds "
+                                                          "(null: every one)")
 
     @field_validator("universe")
     @classmethod
@@ -106,8 +111,21 @@ class _SnapshotIdentity(_Strict):
         return v
 
 
+class ReleaseDecl(_Strict):
+    """A snapshot's release policy: a scheduled release after the close of the last trading day of each
+    period, and retention (the newest ``keep_last`` releases and those marked keep stay)."""
+
+    schedule: Literal["daily", "weekly", "monthly"] | None = Field(
+        None, description="release after the close of the period's last trading day; null = on demand only")
+    keep_last: int | None = Field(None, ge=1, description="retention after each release; null = keep all")
+
+
 class SnapshotDecl(SnapshotLayout, _SnapshotIdentity):
-    """One declared snapshot: identity and range first, then the layout (field order is the stored JSON's)."""
+    """One declared snapshot: identity and range first, then the layout (field order is the stored JSON's).
+    ``release`` is left out of the dumped declaration (and so of the asset's code version): a release policy
+    changes no data."""
+
+    release: ReleaseDecl | None = Field(None, exclude=True)
 
     @field_validator("end")
     @classmethod
@@ -139,9 +157,20 @@ class SnapshotsFile(_Strict):
             check_universe_name(name)
         return v
 
-    def market_files(self) -> MarketFilesDecl:
-        """The universe files and benchmark bins every snapshot holds."""
-        return MarketFilesDecl(dict(self.universes), self.benchmarks)
+    @model_validator(mode="after")
+    def _snapshot_universes_declared(self) -> "SnapshotsFile":
+        for s in self.snapshots:
+            unknown = sorted(set(s.universes or ()) - set(self.universes))
+            if unknown:
+                raise ValueError(f"snapshot {s.id}: universes {unknown} are not declared under the top-level "
+                                 f"`universes:` (declared: {sorted(self.universes) or 'none'}); declare them there "
+                                 "or remove them from the snapshot's list")
+        return self
+
+    def market_files(self, only: list[str] | None = None) -> MarketFilesDecl:
+        """The universe files (those named in ``only``; None: every one) and benchmark bins a snapshot holds."""
+        universes = {k: v for k, v in self.universes.items() if only is None or k in only}
+        return MarketFilesDecl(universes, self.benchmarks)
 
     def export_mapping(self) -> ExportMapping:
         fields = dict(FIELD_MAPPING_DB_DAILY)
@@ -158,6 +187,16 @@ class SnapshotsFile(_Strict):
             if s.id == snapshot_id:
                 return s
         raise KeyError(f"no snapshot {snapshot_id!r} declared; declared: {[s.id for s in self.snapshots]}")
+
+    def declaration_doc(self, snapshot_id: str) -> dict | None:
+        """A snapshot's declaration as a document, with the universes and benchmarks every snapshot holds
+        (what a release records); None when ``snapshot_id`` is not declared (an ad-hoc snapshot)."""
+        decl = next((s for s in self.snapshots if s.id == snapshot_id), None)
+        if decl is None:
+            return None
+        return {**decl.model_dump(mode="json"),
+                "universes": {name: u.model_dump(mode="json") for name, u in self.universes.items()},
+                "benchmarks": self.benchmarks.model_dump(mode="json") if self.benchmarks is not None else None}
 
 
 def _describe(err: ValidationError, doc: dict) -> str:

@@ -31,6 +31,8 @@ def test_code_location_holds_snapshots_and_rdagent_sync():
     sensor = repo.get_sensor_def("rdagent_results_sensor")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
     assert repo.has_job("rdagent_sync_job") and repo.has_job("snapshot_demo_allA_job")
+    assert repo.has_job("snapshot_release") and repo.has_job("snapshot_rollback")
+    assert repo.get_schedule_def("snapshot_demo_allA_release").job_name == "snapshot_release"
     checks = {k.name for k in repo.asset_graph.asset_check_keys if k.asset_key == AssetKey(["rdagent", "factor_catalog"])}
     assert "factor_package_aligned" in checks
 

@@ -35,3 +35,10 @@ def test_production_requires_a_database_url():
     with pytest.raises(SettingsError, match="'local' or 'production'"):
         Settings.from_env({"AISTOCK_DEPLOYMENT": "staging"})
 
+
+
+def test_an_unusable_database_url_is_named_without_its_password():
+    with pytest.raises(SettingsError, match=r"u:\*\*\*@db:54x2/aistock is not a usable PostgreSQL URL \(its port"):
+        Settings.from_env({"AISTOCK_DB_URL": "postgresql://u:pw9@db:54x2/aistock"})
+    with pytest.raises(SettingsError, match="scheme 'mysql' is not postgresql"):
+        Settings.from_env({"AISTOCK_DB_URL": "mysql://u@db/aistock"})

@@ -33,8 +33,9 @@ def test_declaration_json_keeps_its_field_order_and_options_convert():
     # every snapshot stale in the UI although nothing changed.
     decl = load_snapshots_file(DEMO_SNAPSHOTS_FILE).get("demo_qlib")
     assert decl.model_dump_json() == (
-        '{"id":"demo_qlib","start":"2023-01-03","end":null,"universe":"all","columns":"dollar","instruments":"qlib",'
-        '"dtype":"float32","factor_tables":[],"qlib_bins":true,"debug_years":2,"debug_instruments":100}')
+        '{"id":"demo_qlib","start":"2023-01-03","end":null,"universe":"all","universes":null,"columns":"dollar",'
+        '"instruments":"qlib","dtype":"float32","factor_tables":[],"qlib_bins":true,"debug_years":2,'
+        '"debug_instruments":100,"suspended_days":"nan_rows"}')
     assert decl.options() == SnapshotOptions(columns="dollar", instruments="qlib", dtype="float32", factor_tables=())
     with pytest.raises(ValidationError, match="end is before start"):
         SnapshotDecl(id="x", start=date(2024, 1, 2), end=date(2024, 1, 1))
@@ -95,4 +96,36 @@ def test_ids_that_collide_once_normalised_are_refused_with_both_names(tmp_path):
         load_snapshots_file(path)
     path = _snapshots_yaml(tmp_path, "  - {id: q, start: 2023-01-03}\n  - {id: q, start: 2023-01-04}\n")
     with pytest.raises(SnapshotConfigError, match=r"snapshot id 'q' is declared twice"):
+        load_snapshots_file(path)
+
+
+def test_a_snapshot_holds_the_universes_it_lists(tmp_path):
+    """Universe files are declared once; a snapshot may list the subset it holds, and an unknown name is
+    refused naming the snapshot, the name and the declared ones."""
+    head = ("universes:\n  csi300: {index_weight: 000300.SH}\n  hs_liquid: {spans: hs_liquid}\n"
+            "snapshots:\n  - id: every\n    start: 2021-01-04\n  - id: some\n    start: 2021-01-04\n")
+    path = tmp_path / "snapshots.yaml"
+    path.write_text(head + "    universes: [hs_liquid]\n    suspended_days: omit\n")
+    declared = load_snapshots_file(path)
+    assert sorted(declared.market_files(declared.get("every").universes).universes) == ["csi300", "hs_liquid"]
+    assert list(declared.market_files(declared.get("some").universes).universes) == ["hs_liquid"]
+    assert declared.get("some").options().suspended_days == "omit"
+    assert declared.get("every").options().suspended_days == "nan_rows"
+    path.write_text(head + "    universes: [csi500]\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot some: universes \['csi500'\] are not declared.*csi300"):
+        load_snapshots_file(path)
+    path.write_text(head + "    suspended_days: drop\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot 'some', key suspended_days"):
+        load_snapshots_file(path)
+
+
+def test_a_release_policy_is_validated_and_changes_no_code_version(tmp_path):
+    decl = load_snapshots_file(DEMO_SNAPSHOTS_FILE).get("demo_allA")
+    assert decl.release.schedule == "monthly" and decl.release.keep_last == 12
+    assert "release" not in decl.model_dump_json(), "a release policy changes no data: no stale snapshot"
+    path = _snapshots_yaml(tmp_path, "  - id: x\n    start: 2021-01-04\n    release: {schedule: yearly}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot 'x', key release.schedule"):
+        load_snapshots_file(path)
+    path = _snapshots_yaml(tmp_path, "  - id: x\n    start: 2021-01-04\n    release: {keep_last: 0}\n")
+    with pytest.raises(SnapshotConfigError, match=r"snapshot 'x', key release.keep_last"):
         load_snapshots_file(path)

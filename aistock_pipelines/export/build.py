@@ -23,6 +23,7 @@ from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions, by_field
 from aistock_pipelines.export.snapshot_writer import PendingBins, SnapshotWriter, VersionContent
+from aistock_pipelines.export.suspension import with_suspension_rows
 from aistock_pipelines.export.timing import PhaseTimer
 from aistock_pipelines.export.versions import NewVersion
 
@@ -55,6 +56,8 @@ def declaration_hash(start: date, universe: list[str] | None, options: SnapshotO
     doc = {"start": start.isoformat(), "universe": universe or "all", "options": options.to_json(),
            "mapping": mapping_fingerprint}
     doc["options"].pop("debug_years"), doc["options"].pop("debug_instruments")
+    if doc["options"]["suspended_days"] == "omit":  # the layout before the option: those versions stay valid
+        doc["options"].pop("suspended_days")
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -130,14 +133,16 @@ def commit(build: SnapshotBuild, built: Built, bins: PendingBins) -> ExportResul
     spans = qlib_format.instrument_spans(by_field(ext), built.days)
     with build.timer.phase("read_market_files"):
         market_files = resolve_market_files(build.reader.engine, build.market_files, built.days, options, spans)
-    content = VersionContent(ext, built.days, options, _meta(build, built, export_id, column_info, len(counts)),
-                             column_info, spans, market_files)
+    with build.timer.phase("suspension_rows"):
+        h5_frame = with_suspension_rows(ext, built.days) if options.suspended_days == "nan_rows" else ext
+    meta = _meta(build, built, export_id, column_info, len(counts)) | {"row_count": len(h5_frame), "bar_count": len(ext)}
+    content = VersionContent(ext, h5_frame, built.days, options, meta, column_info, spans, market_files)
     path, meta = build.writer.write(build.snapshot_id, build.begin(), content, bins, build.timer)
     with build.timer.phase("write_meta_repo"):
         build.meta.replace(build.snapshot_id, states)
     stats = built.stats
     return ExportResult(build.snapshot_id, build.mode, build.start, built.end, path, instruments=len(counts),
-                        rows=len(ext), per_instrument={st.ts_code: (str(st.first_datetime), str(st.last_datetime),
+                        rows=len(h5_frame), per_instrument={st.ts_code: (str(st.first_datetime), str(st.last_datetime),
                                                                     st.rows) for st in states},
                         restated=stats.restated, rows_added=stats.rows_added, rows_rewritten=stats.rows_rewritten,
                         rows_read=stats.rows_read, applied=stats.applied, timings=build.timer.total(),
@@ -150,7 +155,7 @@ def _meta(build: SnapshotBuild, built: Built, export_id: str, column_info: dict[
     return {
         "start": build.start.isoformat(), "end": built.end.isoformat(),
         "as_of": datetime.now(timezone.utc).isoformat(timespec="seconds"), "export_id": export_id,
-        "instrument_count": int(instruments), "row_count": int(len(built.frame)),
+        "instrument_count": int(instruments),
         "calendar_days": len(built.days),
         "columns": [{"name": c, **column_info.get(c.lstrip("$"), {})} for c in built.frame.columns],
         "mapping": {"fingerprint": resolved.fingerprint(), "bars_table": resolved.mapping.bars_table,

@@ -18,7 +18,7 @@ from aistock_pipelines.export.incremental_export import run_incremental
 from aistock_pipelines.export.market_files import MarketFilesDecl
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader, check_codes
-from aistock_pipelines.export.snapshot_lock import snapshot_write_lock
+from aistock_pipelines.export.snapshot_lock import writer_locks
 from aistock_pipelines.export.snapshot_shape import SnapshotError, SnapshotOptions, check_snapshot_id
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 from aistock_pipelines.export.stored_snapshot import StoredSnapshotMismatch
@@ -44,7 +44,7 @@ class QlibDailyExporter:
         check_snapshot_id(snapshot_id)
         if if_exists not in ("overwrite", "refuse"):
             raise ValueError("if_exists must be 'overwrite' or 'refuse'")
-        with snapshot_write_lock(self.reader.engine, snapshot_id), self.writer.lock(snapshot_id):
+        with writer_locks(self.reader.engine, self.writer, snapshot_id):
             if self.writer.exists(snapshot_id) and if_exists == "refuse":
                 raise SnapshotError(f"snapshot {snapshot_id} exists; pass if_exists='overwrite' to replace it")
             return run_full(self._build(snapshot_id, "full", start, ts_codes, options), end)
@@ -54,7 +54,7 @@ class QlibDailyExporter:
         """Bring the snapshot up to ``end``: new trading days appended, restated instruments rewritten.
         ``ts_codes``/``options``/``start`` default to the snapshot's declaration; differing values rebuild it."""
         check_snapshot_id(snapshot_id)
-        with snapshot_write_lock(self.reader.engine, snapshot_id), self.writer.lock(snapshot_id):
+        with writer_locks(self.reader.engine, self.writer, snapshot_id):
             meta = self.writer.read_meta(snapshot_id)
             if meta is None:
                 if start is None:

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import libpq_url
 from aistock_pipelines.export.snapshot_shape import check_snapshot_id
-from aistock_pipelines.export.versions import SnapshotLocked
+from aistock_pipelines.export.versions import SnapshotLocked, SnapshotVersions
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +127,12 @@ def _release(conn: psycopg.Connection, snapshot_id: str) -> None:
         log.debug("snapshot %s: write lock released", snapshot_id)
     except psycopg.Error as e:
         log.warning("snapshot %s: the lock connection was lost (%s); the server released the lock", snapshot_id, e)
+
+
+@contextmanager
+def writer_locks(db: Engine | str, versions: SnapshotVersions, snapshot_id: str, *,
+                 wait_s: float = DEFAULT_WAIT_S) -> Iterator[None]:
+    """Both locks every writer of a snapshot holds (an export, a release, a rollback): the cross-host
+    advisory lock, waited for, then the local ``flock`` of its folder."""
+    with snapshot_write_lock(db, snapshot_id, wait_s=wait_s), versions.lock(snapshot_id):
+        yield

@@ -30,6 +30,7 @@ class SnapshotOptions:
     qlib_bins: bool = True
     debug_years: int = 2
     debug_instruments: int = 100
+    suspended_days: Literal["nan_rows", "omit"] = "nan_rows"
 
     def __post_init__(self) -> None:
         if self.columns not in ("plain", "dollar"):
@@ -38,6 +39,8 @@ class SnapshotOptions:
             raise ValueError(f"instruments must be 'ts_code' or 'qlib', got {self.instruments!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.suspended_days not in ("nan_rows", "omit"):
+            raise ValueError(f"suspended_days must be 'nan_rows' or 'omit', got {self.suspended_days!r}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -46,7 +49,7 @@ class SnapshotOptions:
 
     @classmethod
     def from_json(cls, d: dict) -> "SnapshotOptions":
-        d = dict(d)
+        d = {"suspended_days": "omit"} | dict(d)  # versions written before the option had no such rows
         if d.get("factor_tables") is not None:
             d["factor_tables"] = tuple(d["factor_tables"])
         return cls(**d)
@@ -115,14 +118,20 @@ def debug_subset(ext: pd.DataFrame, options: SnapshotOptions) -> pd.DataFrame:
     return ext[recent & keep[ext.index.codes[1]]]
 
 
+_ROWS = {
+    "nan_rows": "Every instrument has a row for every trading day from its first to its last bar: a day it did "
+                "not trade (suspension) is a row of NaN, as in RD-Agent's own file built from Qlib's calendar.",
+    "omit": "Rows exist for trading days on which the instrument traded; suspended days have no row.",
+}
+
+
 def rdagent_readme(snapshot_id: str, ext: pd.DataFrame, column_info: dict[str, dict], options: SnapshotOptions) -> str:
     lines = [
         f"# {snapshot_id}: A-share daily data (forward-adjusted, qfq)",
         "",
         "`daily_pv.h5`: pandas HDF5 (fixed format, key `data`). Index: MultiIndex `(datetime, instrument)`, "
         f"sorted and unique; instruments named like `{'SZ000001' if options.instruments == 'qlib' else '000001.SZ'}`. "
-        f"Values are {options.dtype}. Rows exist for trading days on which the instrument traded; "
-        "suspended days have no row.",
+        f"Values are {options.dtype}. {_ROWS[options.suspended_days]}",
         "",
         "| column | unit | source |",
         "|---|---|---|",

@@ -22,6 +22,8 @@ from sqlalchemy.engine import Engine
 
 from aistock_pipelines.export import qlib_bins, qlib_format
 from aistock_pipelines.export.mapping import ExportMapping
+from aistock_pipelines.export.snapshot_shape import SnapshotOptions
+from aistock_pipelines.export.suspension import with_suspension_rows, without_suspension_frame
 
 H5_NAME = "daily_pv.h5"
 RDAGENT_FOLDERS = ("rdagent", "rdagent_debug")
@@ -120,20 +122,47 @@ def database_rows_per_day(engine: Engine, mapping: ExportMapping, start: date, e
     return pd.Series({pd.Timestamp(d): int(n) for d, n in rows}, dtype="int64")
 
 
-def check_row_parity(frame: pd.DataFrame, db_rows: pd.Series) -> CheckOutcome:
-    """One snapshot row per database bar over the exported range, day by day."""
-    snap = frame.groupby(level="datetime").size().astype("int64")
+def check_row_parity(frame: pd.DataFrame, db_rows: pd.Series, calendar: list[date],
+                     suspended_days: str = "omit") -> CheckOutcome:
+    """One snapshot row per database bar over the exported range, day by day, and the suspension rows the
+    declaration asks for: exactly a NaN row per trading day inside each instrument's span without a bar
+    (``nan_rows``), none at all (``omit``)."""
+    bars = without_suspension_frame(frame)
+    try:
+        expected = with_suspension_rows(bars, calendar) if suspended_days == "nan_rows" and len(calendar) else bars
+        layout = _suspension_layout(frame, bars, expected)
+    except ValueError as e:  # rows on days calendars/day.txt lacks (the calendar check names them too)
+        expected, layout = bars, f"suspension rows not checkable: {e}"
+    snap = bars.groupby(level="datetime").size().astype("int64")
     snap.index = pd.DatetimeIndex(snap.index).as_unit("ns")
     db = db_rows.copy()
     db.index = pd.DatetimeIndex(db.index).as_unit("ns")
     both = pd.concat([snap.rename("snapshot"), db.rename("database")], axis=1).fillna(0).astype("int64")
     diff = both[both["snapshot"] != both["database"]]
-    meta = {"snapshot_rows": int(snap.sum()), "database_rows": int(db.sum()), "days_differing": len(diff)}
-    if diff.empty:
-        return CheckOutcome("row_parity_with_database", True, "equal on every day", meta)
-    examples = [f"{d:%Y-%m-%d}: snapshot {r.snapshot}, database {r.database}" for d, r in diff.head(_EXAMPLES).iterrows()]
-    return CheckOutcome("row_parity_with_database", False,
-                        f"{len(diff)} days differ ({'; '.join(examples)}): re-export the snapshot", meta)
+    meta = {"snapshot_rows": int(snap.sum()), "database_rows": int(db.sum()), "days_differing": len(diff),
+            "suspension_rows": len(frame) - len(bars), "suspension_rows_expected": len(expected) - len(bars)}
+    problems = [layout] if layout else []
+    if not diff.empty:
+        examples = [f"{d:%Y-%m-%d}: snapshot {r.snapshot}, database {r.database}" for d, r in diff.head(_EXAMPLES).iterrows()]
+        problems.insert(0, f"{len(diff)} days differ ({'; '.join(examples)})")
+    if not problems:
+        return CheckOutcome("row_parity_with_database", True, f"equal on every day ({suspended_days})", meta)
+    return CheckOutcome("row_parity_with_database", False, "; ".join(problems) + ": re-export the snapshot", meta)
+
+
+def _suspension_layout(frame: pd.DataFrame, bars: pd.DataFrame, expected: pd.DataFrame) -> str:
+    """What is wrong with the rows that are not bars, or ''."""
+    extra = frame.index.difference(expected.index)
+    missing = expected.index.difference(frame.index)
+    not_nan = int(frame.drop(bars.index).notna().any(axis=1).sum()) if len(frame) > len(bars) else 0
+    problems = []
+    if len(extra):
+        problems.append(f"{len(extra)} rows without a bar outside the declared layout, e.g. {list(extra[:_EXAMPLES])}")
+    if len(missing):
+        problems.append(f"{len(missing)} suspension rows missing, e.g. {list(missing[:_EXAMPLES])}")
+    if not_nan:
+        problems.append(f"{not_nan} suspension rows hold values")
+    return "; ".join(problems)
 
 
 def check_bins(snapshot_dir: Path, frame: pd.DataFrame, sample: int = BIN_SAMPLE) -> CheckOutcome:
@@ -199,11 +228,13 @@ def validate_snapshot(snapshot_dir: Path, engine: Engine, mapping: ExportMapping
     start, end = date.fromisoformat(meta["start"]), date.fromisoformat(meta["end"])
     frame = load_frame(snapshot_dir)
     db_rows = database_rows_per_day(engine, mapping, start, end, meta.get("universe"))
+    calendar = qlib_format.read_calendar(snapshot_dir / "calendars" / "day.txt")
+    suspended_days = SnapshotOptions.from_json(meta.get("options", {})).suspended_days
     return [
         check_index(frame),
-        check_ohlc(frame),
+        check_ohlc(without_suspension_frame(frame)),
         check_calendar(snapshot_dir, trade_days(engine, mapping, start, end)),
-        check_row_parity(frame, db_rows),
+        check_row_parity(frame, db_rows, calendar, suspended_days),
         check_bins(snapshot_dir, frame),
         check_rdagent_folders(snapshot_dir),
     ]

@@ -33,17 +33,20 @@ from aistock_pipelines.export.snapshot_shape import (SnapshotError, SnapshotOpti
                                                      internal_frame, rdagent_readme)
 from aistock_pipelines.export.stored_snapshot import (StoredBlock, map_h5_values, read_h5, read_h5_block,
                                                       sha256_file, write_h5)
+from aistock_pipelines.export.suspension import without_suspension_frame, without_suspension_rows
 from aistock_pipelines.export.timing import PhaseTimer
 from aistock_pipelines.export.versions import NewVersion, SnapshotVersions, remove_tree
 
 
 @dataclass(frozen=True)
 class VersionContent:
-    """What a new version holds: the file's frame (column style, names and dtype of ``options``; sorted,
-    row-major), its calendar, the meta document, the columns' descriptions, ``all.txt``'s lines and the
-    universe files and benchmark bins (:mod:`market_files`)."""
+    """What a new version holds: its bars in the file's shape (column style, names and dtype of
+    ``options``; sorted, row-major), ``daily_pv.h5``'s frame (the bars, or with the suspension rows
+    ``options`` asks for), its calendar, the meta document, the columns' descriptions, ``all.txt``'s lines
+    and the universe files and benchmark bins (:mod:`market_files`)."""
 
     frame: pd.DataFrame
+    h5_frame: pd.DataFrame
     calendar: list[date]
     options: SnapshotOptions
     meta: dict
@@ -66,7 +69,7 @@ def _check_space(path: Path, content: VersionContent, bins: PendingBins) -> None
     """Refuse a version the file system cannot hold before writing it: its HDF5 files and (an upper bound)
     its bins — a full disk mid-write would only leave a half-built version behind."""
     frame = content.frame
-    needed = frame.to_numpy().nbytes * 1.1 + 2**20
+    needed = content.h5_frame.to_numpy().nbytes * 1.1 + 2**20
     if content.options.qlib_bins and bins.beside is None:
         needed += len(frame) * len(frame.columns) * 4 + len(frame.index.levels[1]) * len(frame.columns) * 4096
     free = shutil.disk_usage(path).free
@@ -83,11 +86,14 @@ class SnapshotWriter(SnapshotVersions):
         self.market = market
 
     def read_frame(self, snapshot_id: str) -> pd.DataFrame:
-        return internal_frame(read_h5(self.path(snapshot_id) / "daily_pv.h5"))
+        """The current ``daily_pv.h5``'s bars, in the exporter's internal shape."""
+        return internal_frame(without_suspension_frame(read_h5(self.path(snapshot_id) / "daily_pv.h5")))
 
     def read_block(self, snapshot_id: str, spare_rows: int) -> StoredBlock | None:
-        """The current ``daily_pv.h5`` as it is stored (:func:`read_h5_block`)."""
-        return read_h5_block(self.path(snapshot_id) / "daily_pv.h5", spare_rows)
+        """The current ``daily_pv.h5``'s bars as they are stored (:func:`read_h5_block`), suspension rows
+        dropped: an export works on bars, and the writer adds those rows again."""
+        stored = read_h5_block(self.path(snapshot_id) / "daily_pv.h5", spare_rows)
+        return None if stored is None else without_suspension_rows(stored)
 
     def map_values(self, snapshot_id: str, appended: np.ndarray) -> np.ndarray | None:
         """The current ``daily_pv.h5``'s values mapped once more, read-only, ``appended`` after them."""
@@ -158,7 +164,7 @@ class SnapshotWriter(SnapshotVersions):
 
     def _write_h5_files(self, snapshot_id: str, path: Path, content: VersionContent, timer: PhaseTimer) -> str:
         """``daily_pv.h5``, the RD-Agent folders; returns the h5's sha256."""
-        ext, options = content.frame, content.options
+        ext, options = content.h5_frame, content.options
         with timer.phase("write_h5"):
             write_h5(path / "daily_pv.h5", ext)
         with timer.phase("write_rdagent"):

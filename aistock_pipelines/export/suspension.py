@@ -9,17 +9,22 @@ frame (one row per bar) into that layout, on index codes and one block copy — 
 from __future__ import annotations
 
 from datetime import date
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import pandas as pd
 
 from aistock_pipelines.export.frames import first_last_dates
+from aistock_pipelines.export.stored_snapshot import StoredBlock
+
+_COMPACT_ROWS = 1 << 20  # rows moved per step when suspension rows are dropped in place
 
 
-def with_suspension_rows(frame: pd.DataFrame, calendar: Sequence[date]) -> pd.DataFrame:
+def with_suspension_rows(frame: pd.DataFrame, calendar: Sequence[date],
+                         open_at_start: Collection[str] = ()) -> pd.DataFrame:
     """``frame`` (index (datetime, instrument), sorted, one float dtype) with a NaN row added for every
-    trading day of ``calendar`` between each instrument's first and last row that has none. Existing rows
+    trading day of ``calendar`` between each instrument's first and last row that has none — from the
+    calendar's first day for the instruments in ``open_at_start`` (their span began before it). Existing rows
     keep their values bit for bit; the result is sorted by (datetime, instrument), its values one row-major
     block of the frame's dtype, its levels of the frame's types (the date level's unit, the instrument
     level's dtype — ``object`` in memory, ``str`` as pandas 3 reads it back) and names."""
@@ -38,6 +43,8 @@ def with_suspension_rows(frame: pd.DataFrame, calendar: Sequence[date]) -> pd.Da
         raise ValueError(f"rows on days missing from the calendar: {list(level_days[used & ~found][:3])}")
     n_days, n_inst = len(cal), len(index.levels[1])
     names, first, last = first_last_dates(index)
+    if len(open_at_start):
+        first[np.isin(names, np.asarray(list(open_at_start), dtype=object))] = cal[0]
     inst = pd.Index(np.asarray(index.levels[1], dtype=object)).get_indexer(names)
     # Spans of one instrument never overlap, so the running sum is 0 or 1: int8 throughout.
     edges = np.zeros((n_days + 1, n_inst), dtype=np.int8)  # +1 at each span's first day, -1 after its last
@@ -73,3 +80,31 @@ def _spread(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     for a, b in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
         out[rows[a]:rows[a] + b - a] = values[a:b]
     return out
+
+
+def bar_rows(values: np.ndarray, columns: Sequence[str]) -> np.ndarray:
+    """Which rows are bars: a bar always has a close (the data gates refuse one without), a suspension row
+    never has."""
+    j = [str(c).lstrip("$") for c in columns].index("close")
+    return ~np.isnan(values[:, j])
+
+
+def without_suspension_rows(stored: StoredBlock) -> StoredBlock:
+    """``stored`` with its suspension rows dropped in its own block: the bars move up over them, step by
+    step (a bar never moves down, so no step overwrites a row a later one reads), the spare rows after them
+    grow by as many."""
+    n = len(stored.index)
+    keep = bar_rows(stored.values[:n], stored.columns)
+    if keep.all():
+        return stored
+    rows = np.flatnonzero(keep)
+    for a in range(int(np.argmin(keep)), len(rows), _COMPACT_ROWS):
+        b = min(a + _COMPACT_ROWS, len(rows))
+        stored.values[a:b] = stored.values[rows[a:b]]
+    return StoredBlock(stored.values, stored.index[keep].remove_unused_levels(), stored.columns)
+
+
+def without_suspension_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """A stored frame's bars (its suspension rows dropped)."""
+    keep = bar_rows(frame.to_numpy(), list(frame.columns))
+    return frame if keep.all() else frame[keep]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,6 +34,9 @@ from aistock_pipelines.export.snapshot_shape import SNAPSHOT_ID, SnapshotError, 
 
 class SnapshotLocked(SnapshotError):
     pass
+
+
+_STAMP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a UTC stamp, or legacy-<stamp>
 
 
 @dataclass(frozen=True)
@@ -79,15 +83,26 @@ class SnapshotVersions:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def stale_versions(self, snapshot_id: str) -> list[Path]:
-        """Versions of ``snapshot_id`` the current symlink does not point to: the one the last swap replaced
-        and a crashed run's leftovers."""
+    def version(self, name: str) -> Path:
+        """The folder of the version named ``name`` (``<id>@<stamp>``, as ``meta.json``'s ``replaces``)."""
+        snapshot_id, at, stamp = name.partition("@")
+        if not at or not SNAPSHOT_ID.match(snapshot_id) or not _STAMP.match(stamp):
+            raise SnapshotError(f"{name!r} is not a version name (<snapshot id>@<stamp>)")
+        return self.root / ".versions" / name
+
+    def version_folders(self, snapshot_id: str) -> list[Path]:
+        """Every version folder of ``snapshot_id``, complete or not, oldest first."""
         versions = self.root / ".versions"
         if not versions.exists():
             return []
+        return sorted(versions.glob(f"{check_snapshot_id(snapshot_id)}@*"))
+
+    def stale_versions(self, snapshot_id: str) -> list[Path]:
+        """Versions of ``snapshot_id`` the current symlink does not point to: the one the last swap replaced
+        and a crashed run's leftovers."""
         link = self.path(snapshot_id)
         current = link.resolve() if link.is_symlink() else None
-        return sorted(p for p in versions.glob(f"{snapshot_id}@*") if p.resolve() != current)
+        return [p for p in self.version_folders(snapshot_id) if p.resolve() != current]
 
     def begin(self, snapshot_id: str) -> NewVersion:
         """The folder of a new version, made now, for files written while the export still reads; a crashed

@@ -7,6 +7,7 @@ implementation of the snapshot: it is built by the same pieces, in the same orde
     check_gates              (the exporter's refusals)
     exporter.finalize        (round to the snapshot dtype, then ``change`` from the rounded closes)
     snapshot_writer.read_view (column style, instrument naming, dtypes — as ``pd.read_hdf`` returns them)
+    suspension.with_suspension_rows (the NaN rows of suspended days, when the snapshot declares them)
 
 The one thing a window adds is its left edge: ``change`` of a window's first row needs the instrument's
 previous *bar* (not trading day — suspensions), so that close is read too, bounded below by the
@@ -38,6 +39,7 @@ from aistock_pipelines.export.derived import logical_frame
 from aistock_pipelines.export.frames import INDEX_NAMES
 from aistock_pipelines.export.reader import DBReader, ReadSession
 from aistock_pipelines.export.snapshot_shape import SnapshotOptions, read_view
+from aistock_pipelines.export.suspension import with_suspension_rows
 from aistock_pipelines.live.latest_bar import PRE_CLOSE, LatestBarProvider, validate_latest_bars
 
 EXCHANGE_TZ = ZoneInfo(EXCHANGE_TIMEZONE)
@@ -187,8 +189,10 @@ class LiveDataAdapter:
         The window is counted on the trade calendar and ends at the last trading day on or before
         ``now``'s (Asia/Shanghai) date. If that day has no bars in the database yet, the latest-bar provider
         supplies it; without a provider the window ends the trading day before when that day is today (not
-        loaded yet), and a *past* day without bars raises ``DataNotReady``. Rows follow the snapshot: an
-        instrument has no row on a day it did not trade (suspension, before IPO, after delisting).
+        loaded yet), and a *past* day without bars raises ``DataNotReady``. Rows follow the snapshot as it
+        would be exported up to the window's last day: no row before an instrument's first bar or after its
+        last; a day it did not trade in between (suspension) is a NaN row under ``suspended_days: nan_rows``
+        and no row under ``omit``.
 
         Raises :class:`UnknownSymbolError` (names them), :class:`NoDataError`, :class:`InsufficientHistoryError`
         (unless ``partial=True``: then the shorter window is returned and ``attrs["partial"]`` is True),
@@ -228,6 +232,8 @@ class LiveDataAdapter:
         # The exporter's own finalisation, then drop the previous bars again: only their closes were needed.
         out = finalize(pd.concat([prev_rows, window_rows]), self.options.dtype)
         out = out[out.index.get_level_values("datetime") >= pd.Timestamp(db.days[0])]
+        if self.options.suspended_days == "nan_rows":  # an instrument with a bar before the window is in its span
+            out = with_suspension_rows(out, db.days, open_at_start=set(db.prev["ts_code"]))
         result = read_view(out, self.options)
         result.attrs.update(self._attrs(db, window, live, codes, window_rows, rescaled))
         return result

@@ -15,11 +15,8 @@ from typing import Literal
 from dagster import Config, Failure, OpExecutionContext, Output, job, op
 from pydantic import Field
 
-from aistock_pipelines.export.gates import DataGateError
-from aistock_pipelines.export.mapping import MappingError
 from aistock_pipelines.export.snapshot_validation import validate_snapshot
-from aistock_pipelines.export.snapshot_shape import SnapshotError
-from aistock_pipelines.orchestration.snapshot_assets import build_exporter, result_metadata
+from aistock_pipelines.orchestration.snapshot_assets import build_exporter, export_failure, result_metadata
 from aistock_pipelines.orchestration.snapshot_checks import checks_metadata
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotLayout, SnapshotsFile
@@ -59,8 +56,8 @@ def adhoc_export_job(config: SnapshotsFile):
             raise Failure(description=f"snapshot {config.snapshot_id!r} is declared in the snapshots file: "
                                       f"materialize snapshots/{config.snapshot_id} instead", allow_retries=False)
         start, end = _day(config.start, "start"), _day(config.end, "end")
-        exporter = build_exporter(aistock_db, snapshot_store, mapping, market_files)
         try:
+            exporter = build_exporter(aistock_db, snapshot_store, mapping, market_files)
             if config.mode == "full":
                 if start is None:
                     raise Failure(description="mode=full needs start (YYYY-MM-DD)", allow_retries=False)
@@ -68,8 +65,10 @@ def adhoc_export_job(config: SnapshotsFile):
                                               if_exists="overwrite" if config.overwrite else "refuse")
             else:
                 result = exporter.export_incremental(config.snapshot_id, end, config.codes)
-        except (DataGateError, MappingError, SnapshotError) as e:
-            raise Failure(description=f"snapshot {config.snapshot_id}: {e}", allow_retries=False) from e
+        except Failure:
+            raise
+        except Exception as e:  # noqa: BLE001 - every cause named, any database password masked
+            raise export_failure(config.snapshot_id, e, aistock_db.url)
         context.log.info("snapshot %s: %s, %s rows", config.snapshot_id, result.mode, result.rows)
         outcomes = validate_snapshot(result.path, aistock_db.engine(), mapping)
         failed = [f"{o.name}: {o.description}" for o in outcomes if not o.passed]

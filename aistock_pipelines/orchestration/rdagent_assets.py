@@ -9,8 +9,9 @@ The sensor exists because the results API has no push, ETag or paging: the only 
 export is to fetch each catalog and compare a fingerprint. A tick therefore GETs five catalogs, the three
 registry listings (404 while the server does not offer them) and, for the loops the loop catalog lists,
 each loop's artifacts (what the artifacts sync depends on, so an artifact-only change is seen), with short
-timeouts, no retries and an overall budget, well inside Dagster's 60 s sensor limit, and asks for one run
-of just the assets whose fingerprint changed.
+timeouts, no retries, an overall budget and a deadline per request and one for the whole tick (every
+request is cut off at it), well inside Dagster's 60 s sensor limit, and asks for one run of just the assets
+whose fingerprint changed.
 
 Each catalog asset's materialization also carries a glance at the results library
 (:func:`aistock_pipelines.rdagent.library.glance`): a table with its schema (top factors by IC, newest
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,10 +88,13 @@ CATALOG_ASSET_NAMES: dict[CatalogName, str] = {
 LOOP_ARTIFACTS_ASSET_NAME = "loop_artifacts"
 RUN_REGISTRY_ASSET_NAME = "run_registry"
 
-#: Sensor tick limits: per request, and the time after which no further catalog is fetched.
+#: Sensor tick limits: per operation and per request, the time after which no further catalog is
+#: fetched, and the tick's deadline, at which any request still running is cut off (Dagster: 60 s).
 SENSOR_CONNECT_TIMEOUT_S = 2.0
 SENSOR_READ_TIMEOUT_S = 5.0
+SENSOR_REQUEST_DEADLINE_S = 20.0
 SENSOR_POLL_BUDGET_S = 30.0
+SENSOR_TICK_DEADLINE_S = 45.0
 
 
 def asset_key(name: str) -> AssetKey:
@@ -100,16 +105,21 @@ def catalog_asset_key(kind: CatalogName) -> AssetKey:
     return asset_key(CATALOG_ASSET_NAMES[kind])
 
 
-def results_client(api: RDAgentResultsApi, *, for_sensor: bool = False) -> RDAgentResultsClient:
-    """A client from the resource; the sensor's is capped so that a tick cannot hang."""
+def results_client(api: RDAgentResultsApi, *, for_sensor: bool = False, deadline_at: float | None = None
+                   ) -> RDAgentResultsClient:
+    """A client from the resource; the sensor's is capped so that a tick cannot hang (``deadline_at``:
+    the tick's end, a ``time.monotonic()`` instant)."""
     if for_sensor:
         return RDAgentResultsClient(
             api.base_url,
             connect_timeout=min(api.connect_timeout_s, SENSOR_CONNECT_TIMEOUT_S),
             read_timeout=min(api.read_timeout_s, SENSOR_READ_TIMEOUT_S),
+            request_deadline=min(api.request_deadline_s, SENSOR_REQUEST_DEADLINE_S),
+            deadline_at=deadline_at,
             retries=0,
         )
-    return RDAgentResultsClient(api.base_url, connect_timeout=api.connect_timeout_s, read_timeout=api.read_timeout_s)
+    return RDAgentResultsClient(api.base_url, connect_timeout=api.connect_timeout_s, read_timeout=api.read_timeout_s,
+                                request_deadline=api.request_deadline_s)
 
 
 def sync_metadata(stats: SyncStats) -> dict[str, Any]:
@@ -298,19 +308,21 @@ def assets_for_changes(changed: Sequence[str]) -> list[AssetKey]:
     return keys
 
 
-def evaluate_results_sensor(cursor: str | None, api: RDAgentResultsApi, log: Any = None) -> SensorResult | SkipReason:
+def evaluate_results_sensor(cursor: str | None, api: RDAgentResultsApi, log: Any = None, *,
+                            tick_deadline_s: float = SENSOR_TICK_DEADLINE_S) -> SensorResult | SkipReason:
     """One tick: poll, compare with the cursor's fingerprints, request a run of the changed assets.
 
     The cursor (``{catalog: fingerprint}``) only advances for catalogs that are part of the requested
     run; a catalog whose body was unusable keeps its old fingerprint and is looked at again next tick.
     As usual for cursor sensors, the cursor advances when the run is *requested*: a run that then fails
     is not requested again for the same fingerprints (the ``run_key`` dedupes them too) — re-run
-    ``rdagent_sync_job`` by hand, or wait for the next export.
+    ``rdagent_sync_job`` by hand, or wait for the next export. Every request ends by ``tick_deadline_s``
+    after the tick started; catalogs it cut off are looked at next tick.
     """
     previous = _load_cursor(cursor)
     try:
-        with results_client(api, for_sensor=True) as client:
-            poll = poll_fingerprints(client, POLL_KINDS, budget_s=SENSOR_POLL_BUDGET_S)
+        with results_client(api, for_sensor=True, deadline_at=time.monotonic() + tick_deadline_s) as client:
+            poll = poll_fingerprints(client, POLL_KINDS, budget_s=min(SENSOR_POLL_BUDGET_S, tick_deadline_s))
     except ResultsApiError as exc:
         return SkipReason(f"RD-Agent results API at {api.base_url} is not usable right now: {exc}")
     if log is not None:

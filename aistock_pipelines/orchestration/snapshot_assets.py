@@ -9,6 +9,7 @@ runs never write one snapshot (the exporter's file lock is the second line of de
 
 import hashlib
 import logging
+import traceback
 import warnings
 from datetime import date
 
@@ -26,7 +27,7 @@ from dagster import (
     asset,
 )
 
-from aistock_pipelines.export.benchmarks import BenchmarkError
+from aistock_pipelines.db import passwords, scrub
 from aistock_pipelines.export.exporter import DataGateError, DataNotReady, ExportResult, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
 from aistock_pipelines.export.market_files import MarketFilesDecl
@@ -34,9 +35,8 @@ from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.reader import DBReader
 from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
-from aistock_pipelines.export.source_tables import SourceTableError
-from aistock_pipelines.export.universes import UniverseError
 from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
+from aistock_pipelines.orchestration.releases import export_diff_metadata
 from aistock_pipelines.orchestration.trading_day_partitions import Register, TradingDayPartitions
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
@@ -45,18 +45,18 @@ from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 #: Phase messages for a console following the run (the demo shows them as progress); plain Python logging.
 progress = logging.getLogger("aistock_pipelines.progress")
-#: Transient failures (database restarts, a day not loaded yet) retry; bad data and bad config do not.
+#: Only a day not loaded yet heals by waiting, and only the post-close schedule's run waits for it (the
+#: vendor may load late); every other error fails at once with its message (:func:`export_failure`).
 SNAPSHOT_RETRY = RetryPolicy(max_retries=3, delay=120, backoff=Backoff.EXPONENTIAL)
+#: The run tag Dagster puts on runs its schedules start.
+SCHEDULE_TAG = "dagster/schedule_name"
+#: Errors whose message is the whole story; anything else is reported with its type.
+_EXPORT_ERRORS = (DataGateError, DataNotReady, MappingError, SnapshotError)
 
 
 def partitions_for(decl: SnapshotDecl, register: Register | None = None) -> TradingDayPartitions:
     """The snapshot's trading days; ``register`` (the code location's) registers them when asked for a key."""
     return TradingDayPartitions(decl.id, register)
-
-
-def scheduled(context: AssetExecutionContext) -> bool:
-    """A run of the post-close schedule: the only one that waits (retries) for a day's bars to arrive."""
-    return "dagster/schedule_name" in context.run.tags
 
 
 def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping,
@@ -100,6 +100,7 @@ def result_metadata(result: ExportResult) -> dict:
         meta["columns"] = MetadataValue.json(list(frame_preview.columns))
         meta["daily_pv_bytes"] = (result.path / "daily_pv.h5").stat().st_size
         meta["preview"] = MetadataValue.md(frame_preview.iloc[:, :8].to_markdown())  # tabulate ships with dagster
+    meta.update(export_diff_metadata(result))  # what this run changed, against the version it replaced
     return meta
 
 
@@ -113,13 +114,27 @@ def partition_range(context: AssetExecutionContext) -> tuple[date, date]:
                       allow_retries=False) from None
 
 
+def export_failure(snapshot_id: str, exc: Exception, db_url: str | None) -> Failure:
+    """A Failure that is not retried, carrying the cause's message with any database password masked.
+
+    The cause stays chained (its traceback shows in the run's log) unless its text would show a password.
+    """
+    text = str(exc) if isinstance(exc, _EXPORT_ERRORS) else f"{type(exc).__name__}: {exc}"
+    failure = Failure(description=f"snapshot {snapshot_id}: {scrub(text, db_url)}", allow_retries=False)
+    shown = "".join(traceback.format_exception(exc))
+    failure.__cause__ = None if any(secret in shown for secret in passwords(db_url)) else exc
+    failure.__suppress_context__ = True
+    return failure
+
+
 def declaration_version(decl: SnapshotDecl, mapping: ExportMapping) -> str:
     """Code version of a snapshot asset: its declaration and the mapping, so editing either shows it stale."""
     doc = decl.model_dump_json() + mapping.fingerprint()
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register: Register | None = None) -> AssetsDefinition:
+def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register: Register | None = None,
+                   retry_policy: RetryPolicy = SNAPSHOT_RETRY) -> AssetsDefinition:
     mapping = config.export_mapping()
 
     @asset(
@@ -129,7 +144,7 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register: Register
         code_version=declaration_version(decl, mapping),
         partitions_def=partitions_for(decl, register),
         backfill_policy=BackfillPolicy.single_run(),
-        retry_policy=SNAPSHOT_RETRY,
+        retry_policy=retry_policy,
         pool=f"snapshot_{decl.id}",
         kinds={"hdf5", "qlib"},
         description=f"Qlib/RD-Agent snapshot {decl.id}: {decl.columns} columns, {decl.instruments} names, "
@@ -138,16 +153,17 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register: Register
     )
     def _snapshot(context: AssetExecutionContext, aistock_db: AIstockDatabase, snapshot_store: SnapshotStore) -> MaterializeResult:
         range_start, range_end = partition_range(context)
-        exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files())
         progress.info("exporting %s..%s", range_start, range_end)
         try:
+            exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files(decl.universes))
             result = run_snapshot_export(exporter, decl, range_start, range_end)
-        except (DataGateError, MappingError, SnapshotError, BenchmarkError, UniverseError, SourceTableError) as e:
-            raise Failure(description=f"snapshot {decl.id}: {e}", allow_retries=False) from e
         except DataNotReady as e:
-            if scheduled(context):
-                raise  # the post-close run retries: the vendor's load may still be under way
-            raise Failure(description=f"snapshot {decl.id}: {e}", allow_retries=False) from e
+            if SCHEDULE_TAG in context.run.tags:
+                context.log.warning("snapshot %s: %s; retried by the post-close schedule's run", decl.id, e)
+                raise
+            raise export_failure(decl.id, e, aistock_db.url)
+        except Exception as e:  # noqa: BLE001 - waiting heals nothing else: fail now, with the cause
+            raise export_failure(decl.id, e, aistock_db.url)
         if result is None:
             context.log.info("no trading day in %s..%s: nothing to do", range_start, range_end)
             return MaterializeResult(metadata={"mode": "no trading day", "start": range_start.isoformat(),

@@ -9,6 +9,9 @@ Why it looks the way it does:
   exponential backoff; a 4xx is a wrong URL or a wrong request and fails at once.
 * **Bodies are streamed under a byte cap**, so a wrong ``base_url`` pointing at something huge cannot
   exhaust memory; the cap is enforced on the decoded bytes while reading.
+* **An overall deadline per request** (``request_deadline``, retries and backoff included) besides the
+  per-operation timeouts, enforced by :class:`RequestDeadline` even against a server that drips one byte
+  at a time; ``deadline_at`` adds the caller's own limit (a sensor tick) to every request.
 * **Every fetch returns the sha256 of the body bytes** so callers can fingerprint a catalog and skip
   unchanged ones.
 * Bodies are never logged (only URL, status, size and the reason for a failure).
@@ -41,6 +44,7 @@ from aistock_pipelines.rdagent.catalog_models import (
     RunRegistryEndpoint,
     RunRegistryResponse,
 )
+from aistock_pipelines.rdagent.request_deadline import RequestDeadline
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,10 @@ class ResultsApiError(Exception):
 
 class ResultsApiUnavailable(ResultsApiError):
     """Could not get an answer: connection refused/reset, timeouts or 5xx, after all retries."""
+
+
+class ResultsApiOutOfTime(ResultsApiUnavailable):
+    """The caller's own deadline (``deadline_at``) ended or prevented the request: no fault of the server."""
 
 
 class ResultsApiBadResponse(ResultsApiError):
@@ -82,7 +90,10 @@ def _finite_or_none(text: str) -> float | None:
 
 def _loads(body: bytes) -> Any:
     """Strict-enough JSON: ``NaN``/``Infinity`` tokens (accepted by Python's json) become ``None``."""
-    return json.loads(body, parse_constant=lambda _token: None, parse_float=_finite_or_none)
+    try:
+        return json.loads(body, parse_constant=lambda _token: None, parse_float=_finite_or_none)
+    except RecursionError:  # a body nested deeper than the parser's stack: hostile or broken
+        raise ValueError("nested too deeply to parse") from None
 
 
 def _summarize(exc: ValidationError, limit: int = 5) -> str:
@@ -109,24 +120,32 @@ class RDAgentResultsClient:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         retries: int = 3,
         backoff: float = 0.2,
+        request_deadline: float = 60.0,
+        deadline_at: float | None = None,
         trust_env: bool = False,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         """``retries`` is the number of *extra* attempts (3 -> up to 4 requests); the n-th retry waits
         ``backoff * 2**(n-1)`` seconds. ``trust_env=False`` ignores ``HTTP(S)_PROXY`` variables by
         default: the API lives on this machine or the LAN, and a corporate proxy would only break it.
-        ``transport`` is for tests (``httpx.MockTransport``)."""
-        if retries < 0 or backoff < 0 or max_body_bytes <= 0:
-            raise ValueError("retries and backoff must be >= 0 and max_body_bytes > 0")
+        ``request_deadline`` bounds each call (all its attempts) in seconds; ``deadline_at`` is a
+        ``time.monotonic()`` instant no request may outlive. ``transport`` is for tests
+        (``httpx.MockTransport``)."""
+        if retries < 0 or backoff < 0 or max_body_bytes <= 0 or request_deadline <= 0:
+            raise ValueError("retries and backoff must be >= 0, max_body_bytes and request_deadline > 0")
         self.base_url = base_url.rstrip("/")
         self.max_body_bytes = max_body_bytes
         self.retries = retries
         self.backoff = backoff
+        self.request_deadline = request_deadline
+        self.deadline_at = deadline_at
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             headers={"Accept": "application/json"},
             follow_redirects=False,
+            # A fresh connection per request, so the deadline always sees (and can cut) its socket.
+            limits=httpx.Limits(max_keepalive_connections=0),
             trust_env=trust_env,
             transport=transport,
         )
@@ -249,34 +268,42 @@ class RDAgentResultsClient:
             ) from exc
 
     def _get(self, path: str, *, attempts: int | None = None) -> _Body | None:
-        """GET with retries; ``None`` on 404, parsed body otherwise."""
+        """GET with retries within the deadline; ``None`` on 404, parsed body otherwise."""
         url = f"{self.base_url}{path}"
         attempts = self.retries + 1 if attempts is None else attempts
+        seconds, callers = self._deadline_seconds()
+        if seconds <= 0:
+            raise ResultsApiOutOfTime(f"GET {url}: not attempted, the caller's time limit has passed", url=url)
         reason = ""
-        for attempt in range(attempts):
-            if attempt:
-                delay = self.backoff * 2 ** (attempt - 1)
-                log.warning(
-                    "RD-Agent results API: retry %d/%d of GET %s in %.2fs (%s)",
-                    attempt, attempts - 1, url, delay, reason,
-                )
-                time.sleep(delay)
-            try:
-                outcome = self._attempt(path, url)
-            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-                raise ResultsApiError(
-                    f"GET {url}: invalid URL ({exc}); set base_url like {DEFAULT_BASE_URL}", url=url
-                ) from exc
-            except httpx.TimeoutException as exc:
-                reason = f"timed out ({type(exc).__name__})"
-                continue
-            except httpx.TransportError as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-                continue
-            if isinstance(outcome, str):  # a retryable 5xx, described
-                reason = outcome
-                continue
-            return outcome
+        with RequestDeadline(seconds) as deadline:
+            for attempt in range(attempts):
+                if deadline.expired:
+                    break
+                if attempt:
+                    delay = min(self.backoff * 2 ** (attempt - 1), deadline.remaining())
+                    log.warning(
+                        "RD-Agent results API: retry %d/%d of GET %s in %.2fs (%s)",
+                        attempt, attempts - 1, url, delay, reason,
+                    )
+                    time.sleep(delay)
+                try:
+                    outcome = self._attempt(path, url, deadline)
+                except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                    raise ResultsApiError(
+                        f"GET {url}: invalid URL ({exc}); set base_url like {DEFAULT_BASE_URL}", url=url
+                    ) from exc
+                except httpx.TimeoutException as exc:
+                    reason = f"timed out ({type(exc).__name__})"
+                    continue
+                except httpx.TransportError as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    continue
+                if isinstance(outcome, str):  # a retryable 5xx, described
+                    reason = outcome
+                    continue
+                return outcome
+            if deadline.expired:
+                raise self._out_of_time(url, seconds, callers)
         raise ResultsApiUnavailable(
             f"GET {url}: no usable answer after {attempts} attempt(s), last error: {reason}; "
             "check that the RD-Agent results API is running and reachable at "
@@ -284,9 +311,27 @@ class RDAgentResultsClient:
             url=url,
         )
 
-    def _attempt(self, path: str, url: str) -> _Body | str | None:
+    def _deadline_seconds(self) -> tuple[float, bool]:
+        """Seconds this call may take, and whether the caller's ``deadline_at`` is what limits them."""
+        if self.deadline_at is None:
+            return self.request_deadline, False
+        left = self.deadline_at - time.monotonic()
+        return min(self.request_deadline, left), left < self.request_deadline
+
+    def _out_of_time(self, url: str, seconds: float, callers: bool) -> ResultsApiUnavailable:
+        if callers:
+            return ResultsApiOutOfTime(f"GET {url}: cut off after {seconds:.1f} s, the caller's time limit", url=url)
+        return ResultsApiUnavailable(
+            f"GET {url}: no complete answer within the {seconds:.1f} s deadline per request (the server "
+            "answers too slowly); check the RD-Agent results API at "
+            f"{self.base_url}, or raise the deadline if this catalog is really that large",
+            url=url,
+        )
+
+    def _attempt(self, path: str, url: str, deadline: RequestDeadline) -> _Body | str | None:
         """One request. Returns the body, ``None`` for 404, or a string describing a retryable 5xx."""
-        with self._http.stream("GET", path) as response:
+        with self._http.stream("GET", path, timeout=deadline.timeout(self._http.timeout),
+                               extensions={"trace": deadline.trace}) as response:
             status = response.status_code
             if status >= 500:
                 return f"HTTP {status}: {self._short_detail(response)}"
@@ -300,7 +345,7 @@ class RDAgentResultsClient:
                     url=url,
                     status_code=status,
                 )
-            raw = self._read_capped(response, url)
+            raw = self._read_capped(response, url, deadline)
         try:
             data = _loads(raw)
         except ValueError as exc:
@@ -314,7 +359,7 @@ class RDAgentResultsClient:
         log.debug("RD-Agent results API: GET %s -> %d, %d bytes", url, status, len(raw))
         return _Body(url=url, data=data, sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw))
 
-    def _read_capped(self, response: httpx.Response, url: str) -> bytes:
+    def _read_capped(self, response: httpx.Response, url: str, deadline: RequestDeadline) -> bytes:
         cap = self.max_body_bytes
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
@@ -322,6 +367,8 @@ class RDAgentResultsClient:
         chunks: list[bytes] = []
         total = 0
         for chunk in response.iter_bytes():
+            if deadline.expired:  # a body dripping within each read timeout
+                raise httpx.ReadTimeout("request deadline passed while reading the body")
             total += len(chunk)
             if total > cap:
                 raise self._too_big(url, f"exceeded it after {total} bytes")

@@ -47,6 +47,12 @@ def read_h5(path: Path) -> pd.DataFrame:
     return pd.read_hdf(path / "daily_pv.h5", key="data")
 
 
+def read_bars(path: Path) -> pd.DataFrame:
+    """The snapshot's bars: ``daily_pv.h5`` without the NaN rows of suspended days (``suspended_days``)."""
+    frame = read_h5(path)
+    return frame[frame[[c for c in frame.columns if c.lstrip("$") == "close"][0]].notna().to_numpy()]
+
+
 def read_bins(path: Path) -> dict[Path, bytes]:
     """Every bin of a snapshot folder: path relative to the folder → bytes."""
     return {p.relative_to(path): p.read_bytes() for p in (path / "features").rglob("*.bin")}

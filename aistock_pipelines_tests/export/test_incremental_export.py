@@ -79,7 +79,7 @@ def test_a_history_that_lost_a_day_is_merged_and_equals_a_fresh_export(exported,
     got = ex.export_incremental("demo")
     assert got.applied == "merge" and code in got.restated
     incremental = read_h5(path)
-    assert (pd.Timestamp(gone), code) not in incremental.index
+    assert incremental.loc[(pd.Timestamp(gone), code)].isna().all(), "the lost day is a suspension row now"
     ex.export_full("fresh", START)
     pd.testing.assert_frame_equal(incremental, read_h5(tmp_path / "fresh"), check_exact=True)
     for field in ("close", "change", "factor"):

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.export.reader import DBReader, ReaderError
 from aistock_pipelines.export.fingerprints import server_fingerprints
-from aistock_pipelines_tests.export.helpers import DEMO_MAPPING, START, read_h5
+from aistock_pipelines_tests.export.helpers import DEMO_MAPPING, START, read_bars
 
 pytestmark = pytest.mark.db
 
@@ -25,7 +25,7 @@ def test_seed_reader_interface_returns_the_snapshot_frame(exported, market_db):
     reader = DBReader(create_db_engine(market_db), DEMO_MAPPING, market_db)
     frame = reader.load_daily(None, START, None)
     # pandas reads the stored instrument level back as its string dtype; the reader's is object (to_hdf needs it)
-    pd.testing.assert_frame_equal(frame, read_h5(path), check_exact=True, check_index_type=False)
+    pd.testing.assert_frame_equal(frame, read_bars(path), check_exact=True, check_index_type=False)
     assert frame.index.levels[1].dtype == object
     assert frame["change"].notna().sum() > 0
     codes = reader.get_all_ts_codes()

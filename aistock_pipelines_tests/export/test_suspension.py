@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import replace
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from aistock_pipelines.export import qlib_bins, qlib_format
-from aistock_pipelines.export.snapshot_shape import SnapshotOptions, external_frame
+from aistock_pipelines.db import create_db_engine
+from aistock_pipelines.demo.market import advance_market
+from aistock_pipelines.export import qlib_format
+from aistock_pipelines.export.snapshot_validation import check_row_parity, database_rows_per_day, validate_snapshot
 from aistock_pipelines.export.suspension import with_suspension_rows
-from aistock_pipelines_tests.export.helpers import START, make_exporter
+from aistock_pipelines_tests.export.helpers import DEMO_MAPPING, START, make_exporter, options_for, read_bins, read_h5
 
 
 def reference(frame: pd.DataFrame, calendar: list[date]) -> pd.DataFrame:
@@ -33,28 +39,89 @@ def assert_identical(got: pd.DataFrame, expected: pd.DataFrame) -> None:
     assert got.to_numpy().flags.c_contiguous, "one row-major block: what the HDF5 writer stores as it is"
 
 
+def assert_layouts_agree(root: Path, engine) -> int:
+    """``rows`` (nan_rows) holds exactly ``bars`` (omit) plus the reference's NaN rows, in every file: the
+    h5, RD-Agent's link to it, the debug file's rows, the bins byte for byte; both pass the checks. Returns
+    the suspension rows."""
+    bars, rows = read_h5(root / "bars"), read_h5(root / "rows")
+    calendar = qlib_format.read_calendar(root / "rows" / "calendars" / "day.txt")
+    assert calendar == qlib_format.read_calendar(root / "bars" / "calendars" / "day.txt")
+    assert_identical_values(rows, reference(bars, calendar))
+    assert_identical_values(rows, with_suspension_rows(bars, calendar))
+    assert bars["$close"].notna().all()
+    added = rows[rows["$close"].isna()]
+    assert len(added) and added.isna().all().all()
+    assert os.path.samefile(root / "rows" / "daily_pv.h5", root / "rows" / "rdagent" / "daily_pv.h5")
+    debug = pd.read_hdf(root / "rows" / "rdagent_debug" / "daily_pv.h5", key="data")
+    assert debug["$close"].isna().any() and debug["$close"].notna().sum() > 0
+    assert read_bins(root / "rows") == read_bins(root / "bars"), "Qlib's view does not depend on the layout"
+    for sid in ("bars", "rows"):
+        meta = json.loads((root / sid / "meta.json").read_text())
+        assert (meta["row_count"], meta["bar_count"]) == (len(read_h5(root / sid)), len(bars))
+        outcomes = validate_snapshot(root / sid, engine, DEMO_MAPPING)
+        assert all(o.passed for o in outcomes), [o.description for o in outcomes if not o.passed]
+    return len(added)
+
+
+def assert_identical_values(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(got, expected, check_exact=True)
+
+
 @pytest.mark.db
-@pytest.mark.parametrize("options", [SnapshotOptions(), SnapshotOptions(columns="dollar", instruments="qlib", dtype="float32")])
-def test_nan_rows_on_a_demo_snapshot_equal_the_reference(market_db, market_template, tmp_path, options):
+def test_both_layouts_after_full_and_incremental_exports(market_db, market_template, tmp_path):
+    """The default layout (nan_rows) through a full export, two incrementals with restatements and an
+    instrument resuming after a suspension at the snapshot's end (its NaN rows reach back before the
+    previous export's end), against the omit layout and a fresh export."""
+    engine = create_db_engine(market_db)
+    with engine.begin() as conn:
+        last = conn.exec_driver_sql("SELECT max(trade_date) FROM market.kline_daily_qfq").scalar_one()
+        code = conn.exec_driver_sql("SELECT min(ts_code) FROM market.kline_daily_qfq WHERE trade_date = %(d)s",
+                                    {"d": last}).scalar_one()
+        gap = conn.exec_driver_sql("SELECT trade_date FROM market.kline_daily_qfq WHERE ts_code = %(c)s "
+                                   "ORDER BY trade_date DESC LIMIT 2", {"c": code}).scalars().all()
+        for table in ("kline_daily_qfq", "kline_daily_raw"):
+            conn.exec_driver_sql(f"DELETE FROM market.{table} WHERE ts_code = %(c)s AND trade_date = ANY(%(d)s)",
+                                 {"c": code, "d": gap})
     ex = make_exporter(market_db, tmp_path)
-    ex.export_full("demo", START, options=options)
-    stored = pd.read_hdf(tmp_path / "demo" / "daily_pv.h5", key="data")  # as a consumer reads it (pandas 3: str level)
-    calendar = qlib_format.read_calendar(tmp_path / "demo" / "calendars" / "day.txt")
-    # the exporter's frame in memory has an object instrument level (external_frame); the file reads back as str
-    in_memory = stored.set_axis(stored.index.set_levels(stored.index.levels[1].astype(object), level=1), axis=0)
-    assert in_memory.index.levels[1].dtype == object != stored.index.levels[1].dtype
-    for frame in (stored, in_memory):
-        got = with_suspension_rows(frame, calendar)
-        assert_identical(got, reference(frame, calendar))
-        assert len(got) - len(frame) == market_template.summary.suspension_days, "a row per suspended day, no other"
-    added = got[~got.index.isin(stored.index)]
-    assert added.isna().all().all() and len(added)
-    # Qlib's view is unchanged: the bins written from either layout are the same bytes
-    for name, f in (("bars", stored), ("rows", with_suspension_rows(stored, calendar))):
-        qlib_bins.write_bins(tmp_path / name, external_frame(f, SnapshotOptions()).set_axis(
-            [c.lstrip("$") for c in f.columns], axis=1), calendar, ["close", "change"])
-    for path in (tmp_path / "bars").rglob("*.bin"):
-        assert path.read_bytes() == (tmp_path / "rows" / path.relative_to(tmp_path / "bars")).read_bytes()
+    layouts = {"rows": options_for("qlib"), "bars": replace(options_for("qlib"), suspended_days="omit")}
+    assert layouts["rows"].suspended_days == "nan_rows", "upstream parity is the default"
+    for sid, options in layouts.items():
+        ex.export_full(sid, START, options=options)
+    first = assert_layouts_agree(tmp_path, engine)
+    assert first == market_template.summary.suspension_days, "a row per suspended day, no other"
+    symbol = qlib_format.to_qlib_symbol(code)
+    assert symbol not in set(read_h5(tmp_path / "rows").xs(pd.Timestamp(gap[0]), level="datetime").index)
+    for _ in range(2):
+        adv = advance_market(engine, events=4)
+        results = {sid: ex.export_incremental(sid) for sid in layouts}
+        assert {(r.mode, r.applied) for r in results.values()} == {("incremental", "in place")}
+        assert results["rows"].restated == results["bars"].restated == sorted(adv.restated)
+        assert_layouts_agree(tmp_path, engine)
+    resumed = read_h5(tmp_path / "rows").xs(symbol, level="instrument")
+    assert resumed.loc[[pd.Timestamp(d) for d in gap]].isna().all().all(), "the resumed instrument's gap is NaN rows"
+    ex.export_full("fresh", START, options=layouts["rows"])
+    assert_identical_values(read_h5(tmp_path / "rows"), read_h5(tmp_path / "fresh"))
+    engine.dispose()
+
+
+def test_the_row_parity_check_names_a_wrong_layout(market_db, tmp_path):
+    """A snapshot whose suspension rows differ from its declaration fails the row parity check, naming them."""
+    engine = create_db_engine(market_db)
+    ex = make_exporter(market_db, tmp_path)
+    ex.export_full("rows", START, options=options_for("qlib"))
+    frame = read_h5(tmp_path / "rows")
+    calendar = qlib_format.read_calendar(tmp_path / "rows" / "calendars" / "day.txt")
+    meta = json.loads((tmp_path / "rows" / "meta.json").read_text())
+    db_rows = database_rows_per_day(engine, DEMO_MAPPING, START, date.fromisoformat(meta["end"]), None)
+    assert check_row_parity(frame, db_rows, calendar, "nan_rows").passed
+    gaps = frame.index[frame["$close"].isna().to_numpy()]
+    missing = check_row_parity(frame.drop(gaps[:3]), db_rows, calendar, "nan_rows")
+    assert not missing.passed and "3 suspension rows missing" in missing.description
+    assert not check_row_parity(frame, db_rows, calendar, "omit").passed
+    valued = frame.copy()
+    valued.loc[gaps[0], "$volume"] = 1.0
+    assert "1 suspension rows hold values" in check_row_parity(valued, db_rows, calendar, "nan_rows").description
+    engine.dispose()
 
 
 def synthetic(dtype: str = "float64", object_level: bool = True) -> tuple[pd.DataFrame, list[date]]:

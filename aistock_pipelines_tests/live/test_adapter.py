@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from aistock_pipelines.db import create_db_engine
 from aistock_pipelines.demo.market import AdvanceResult, advance_market
 from aistock_pipelines.export import qlib_format
 from aistock_pipelines.export.exporter import QlibDailyExporter
@@ -42,6 +43,14 @@ from aistock_pipelines_tests.helpers import disposing_engine
 pytestmark = pytest.mark.db
 
 SNAPSHOTS = ("demo_allA", "demo_qlib")
+#: a third snapshot: demo_qlib's declaration in the other suspended-days layout (the declared ones use the default)
+OMIT = "demo_qlib_omit"
+
+
+def declaration(sid: str):
+    """The declared snapshot ``sid`` stands for, and its options (OMIT: demo_qlib's, with ``omit``)."""
+    d = load_snapshots_file(DEMO_SNAPSHOTS_FILE).get("demo_qlib" if sid == OMIT else sid)
+    return d, replace(d.options(), suspended_days="omit") if sid == OMIT else d.options()
 
 
 @dataclass
@@ -51,7 +60,11 @@ class Exported:
     calendars: dict[str, pd.DatetimeIndex]
 
     def adapter(self, sid: str, provider=None) -> LiveDataAdapter:
-        return LiveDataAdapter.for_snapshot(sid, self.url, DEMO_SNAPSHOTS_FILE, latest_bar_provider=provider)
+        if sid != OMIT:
+            return LiveDataAdapter.for_snapshot(sid, self.url, DEMO_SNAPSHOTS_FILE, latest_bar_provider=provider)
+        d, options = declaration(sid)
+        reader = DBReader(create_db_engine(self.url), load_snapshots_file(DEMO_SNAPSHOTS_FILE).export_mapping(), self.url)
+        return LiveDataAdapter(reader, provider, options=options, start=d.start, universe=d.ts_codes, snapshot_id=sid)
 
 
 def export_declared(url: str, root: Path) -> Exported:
@@ -60,24 +73,35 @@ def export_declared(url: str, root: Path) -> Exported:
     frames, calendars = {}, {}
     with disposing_engine(url) as engine:
         exporter = QlibDailyExporter(DBReader(engine, declared.export_mapping(), url), SnapshotWriter(root), MetaRepo(engine))
-        for sid in SNAPSHOTS:
-            d = declared.get(sid)
+        for sid in (*SNAPSHOTS, OMIT):
+            d, options = declaration(sid)
             # Qlib bins do not change daily_pv.h5 (the frame compared here); skipping them saves test time.
-            exporter.export_full(sid, d.start, d.end, d.ts_codes, options=replace(d.options(), qlib_bins=False))
+            exporter.export_full(sid, d.start, d.end, d.ts_codes, options=replace(options, qlib_bins=False))
             frames[sid] = pd.read_hdf(root / sid / "daily_pv.h5", key="data")
             calendars[sid] = pd.DatetimeIndex(pd.to_datetime(qlib_format.read_calendar(root / sid / "calendars" / "day.txt")))
     return Exported(url, frames, calendars)
 
 
 def snapshot_slice(ex: Exported, sid: str, symbols: list[str], now: pd.Timestamp, window: int) -> pd.DataFrame:
-    """The rows of the snapshot a live call for (symbols, now, window) must return, computed from the file."""
+    """The rows of the snapshot a live call for (symbols, now, window) must return, computed from the file:
+    those of a snapshot exported up to the window's last day — the file's suspension rows after an
+    instrument's last bar in the window are not there yet (nobody knows yet that it will trade again)."""
     cal = ex.calendars[sid]
     end = cal.searchsorted(now.normalize(), side="right")
     days = cal[max(0, end - window):end]
     snap = ex.frames[sid]
     names = qlib_format.instrument_names([qlib_format.from_qlib_symbol(s) for s in symbols],
-                                         "qlib" if sid == "demo_qlib" else "ts_code")
-    return snap[snap.index.get_level_values("datetime").isin(days) & snap.index.get_level_values("instrument").isin(names)]
+                                         "ts_code" if sid == "demo_allA" else "qlib")
+    rows = snap[snap.index.get_level_values("datetime").isin(days) & snap.index.get_level_values("instrument").isin(names)]
+    close = rows[[c for c in rows.columns if c.lstrip("$") == "close"][0]]
+    dates = pd.Series(rows.index.get_level_values("datetime"), index=rows.index)
+    last_bar = dates.where(close.notna().to_numpy()).groupby(level="instrument").transform("max")
+    return rows[(dates <= last_bar).to_numpy()]
+
+
+def bars(frame: pd.DataFrame) -> pd.DataFrame:
+    """A file's bars (its suspension rows dropped)."""
+    return frame[frame[[c for c in frame.columns if c.lstrip("$") == "close"][0]].notna().to_numpy()]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +134,7 @@ def hazards(frame: pd.DataFrame, cal: pd.DatetimeIndex) -> dict[str, list[str]]:
 def random_picks(ex: Exported, sid: str, n: int, seed: int) -> list[tuple[list[str], pd.Timestamp, int]]:
     cal = ex.calendars[sid]
     insts = sorted(set(ex.frames[sid].index.get_level_values("instrument")))
-    special = sorted({code for codes in hazards(ex.frames[sid], cal).values() for code in codes})
+    special = sorted({code for codes in hazards(bars(ex.frames[sid]), cal).values() for code in codes})
     rng = random.Random(seed)
     picks = []
     while len(picks) < n:
@@ -126,7 +150,7 @@ def random_picks(ex: Exported, sid: str, n: int, seed: int) -> list[tuple[list[s
     return picks
 
 
-@pytest.mark.parametrize("sid", SNAPSHOTS)
+@pytest.mark.parametrize("sid", (*SNAPSHOTS, OMIT))
 def test_live_frames_equal_snapshot_slices(base, sid):
     adapter = base.adapter(sid)
     cal = base.calendars[sid]
@@ -142,18 +166,20 @@ def test_live_frames_equal_snapshot_slices(base, sid):
         assert live.attrs["trading_days"] == window and not live.attrs["partial"]
         assert live.attrs["live_rows"] == [] and live.attrs["live_date"] is None
     assert len(live) > 10_000, "the last pick is every instrument × 60 days"
+    suspension_rows = int(live.iloc[:, 3].isna().sum())
+    assert (suspension_rows > 0) == (sid != OMIT), "NaN rows for suspended days exactly when declared"
 
 
 def test_first_row_change_comes_from_the_previous_bar_not_the_previous_day(base):
     """A window starting right after a suspension: ``change`` of its first row uses the last bar before
     the gap, as the snapshot does; at the snapshot's start (demo_qlib: 2023-01-03) it is NaN."""
     sid = "demo_allA"
-    frame, cal = base.frames[sid], base.calendars[sid]
+    frame, cal = bars(base.frames[sid]), base.calendars[sid]
     code = hazards(frame, cal)["suspended"][0]
     rows = frame.xs(code, level="instrument")
     gap = np.flatnonzero(np.diff(cal.get_indexer(rows.index)) > 1)[0]
     resume = rows.index[gap + 1]
-    live = base.adapter(sid).get_feature_df([code], resume, 1)
+    live = bars(base.adapter(sid).get_feature_df([code], resume, 1))
     assert live["change"].iloc[0] == rows["change"].iloc[gap + 1] == rows["close"].iloc[gap + 1] / rows["close"].iloc[gap] - 1
     qlib_symbols = sorted(set(base.frames["demo_qlib"].index.get_level_values("instrument")))[:20]
     first = base.adapter("demo_qlib").get_feature_df(qlib_symbols, base.calendars["demo_qlib"][0], 1)

@@ -154,3 +154,63 @@ def fake_api() -> Iterator[Callable[[dict[str, Any]], FakeApi]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@dataclass(frozen=True)
+class Drip:
+    """How :func:`slow_api` answers: ``head`` bytes of the response sent at once, the rest in
+    ``pieces`` pieces (``0`` = byte by byte) with ``pause`` seconds before each."""
+
+    body: bytes
+    head: bool = True
+    pieces: int = 0
+    pause: float = 2.0
+
+
+@pytest.fixture
+def slow_api() -> Iterator[Callable[[dict[str, Drip]], str]]:
+    """Factory: a server on 127.0.0.1:0 that answers each known path slowly (:class:`Drip`), others 404.
+
+    With ``head=False`` even the status line and headers drip, which no per-read timeout ever ends.
+    """
+    stop = threading.Event()
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(routes: dict[str, Drip]) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server naming
+                drip = routes.get(self.path)
+                body = drip.body if drip else b'{"detail": "Not Found"}'
+                status = "200 OK" if drip else "404 Not Found"
+                head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+                if drip is None:
+                    self.wfile.write(head + body)
+                    return
+                at_once, slow = (head, body) if drip.head else (b"", head + body)
+                size = 1 if drip.pieces == 0 else -(-len(slow) // drip.pieces)
+                try:
+                    self.wfile.write(at_once)
+                    self.wfile.flush()
+                    for start in range(0, len(slow), size):
+                        if stop.wait(drip.pause):
+                            return
+                        self.wfile.write(slow[start:start + size])
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up: what the deadline is for
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        server.daemon_threads = True
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return f"http://{LOOPBACK}:{server.server_address[1]}"
+
+    yield start
+    stop.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -25,7 +25,7 @@ from aistock_pipelines.demo.rdagent_results_builder import (
     load_demo_catalog,
 )
 from aistock_pipelines.rdagent import registry_schema as rs
-from aistock_pipelines.rdagent import sync
+from aistock_pipelines.rdagent import registry_writes, sync
 from aistock_pipelines.rdagent.results_client import RDAgentResultsClient
 from aistock_pipelines.rdagent.sync import (
     NOT_PUBLISHED,
@@ -251,7 +251,7 @@ def _edit(path: Path, change) -> None:
 def test_deactivate_update_and_reactivate(
     registry_engine: Engine, results_dir: Path, start_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sync, "_KEYS_PER_STATEMENT", 1)  # exercise the chunked deactivation
+    monkeypatch.setattr(registry_writes, "_KEYS_PER_STATEMENT", 1)  # exercise the chunked lookups and updates
     base_url = start_server(results_dir)
     loop_file = results_dir / "aistock" / "loop_catalog.json"
     original = loop_file.read_text(encoding="utf-8")
@@ -437,7 +437,7 @@ def test_failure_after_writes_rolls_back(synced: Engine, results_dir: Path, star
     def broken_state(*args: Any, **kwargs: Any) -> None:
         raise OperationalError("UPDATE rdagent.sync_state", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr(sync, "_write_state", broken_state)
+    monkeypatch.setattr(sync, "write_state", broken_state)
     with client_for(start_server(results_dir)) as client:
         with pytest.raises(SyncError, match="server closed the connection.*rolled back"):
             sync_catalog(synced, client, "strategies")
