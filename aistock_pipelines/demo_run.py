@@ -345,7 +345,7 @@ def materialize_snapshot(settings: Settings, decl, keys: list[str], step: Step) 
         raise RuntimeError(f"materializing snapshots/{decl.id} failed; see run {result.run_id} in the Dagster UI")
     md = result.get_asset_materialization_events()[0].materialization.metadata
     partitions = len(keys) - keys.index(start)
-    step.done(f"{md['mode'].value} export {start}..{keys[-1]} ({partitions} partitions), {md['rows'].value:,} rows, "
+    step.done(f"{md['mode'].value} export {start}..{keys[-1]} ({partitions} partition{'s' if partitions != 1 else ''}), {md['rows'].value:,} rows, "
               f"{checks_summary(result.get_asset_check_evaluations())}")
 
 
