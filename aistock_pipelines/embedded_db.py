@@ -26,6 +26,8 @@ from aistock_pipelines.settings import Settings
 log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "aistock"
+#: The test suite's server lives beside the embedded one: ``$AISTOCK_HOME/test-pgdata`` (conftest.py).
+TEST_PGDATA_NAME = "test-pgdata"
 
 
 def _server_module():
@@ -78,6 +80,12 @@ class EmbeddedPostgres:
             atexit.unregister(server._cleanup)
             server.global_process_id_list.get_and_remove(os.getpid())
         return True
+
+
+def project_servers(settings: Settings) -> dict[str, EmbeddedPostgres]:
+    """Every embedded server this checkout may have started: the default database and the tests' server."""
+    return {"embedded": EmbeddedPostgres(settings.embedded_pgdata),
+            "test": EmbeddedPostgres(settings.home / TEST_PGDATA_NAME, database="postgres")}
 
 
 def resolve_db_url(settings: Settings) -> str:

@@ -31,6 +31,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
                                 "comma-separated packages factor pointers may import: `prefix` or "
                                 "`prefix=importable.package` (e.g. `rd_factors_lib=aistock_pipelines.demo.rd_factors_lib`)"),
     "AISTOCK_TEST_DB_URL": ("unset = embedded", "tests only: run the database tests against this server"),
+    "AISTOCK_KEEP_TEST_DB": ("unset", "bin/test: `1` keeps the test server it started running afterwards"),
 }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
@@ -18,3 +20,19 @@ def disposing_engine(url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def processes_of(marker: str) -> list[str]:
+    """Running processes whose command line or environment names ``marker`` (a test's own folder): what
+    ``ps`` would show of the processes a test started, without matching other checkouts' processes."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if int(pid) != os.getpid() and (marker.encode() in cmdline or marker.encode() in environ):
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{pid}: {command[:160]}")
+    return found

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from aistock_pipelines.db import create_db_engine
-from aistock_pipelines.demo.indices import CHINEXT, CSI300, HS_LIQUID, LATE_START, MISSING_BAR
+from aistock_pipelines.demo.indices import CHINEXT, CSI300, HS_LIQUID, LATE_START, MISSING_BAR, index_bars
 from aistock_pipelines.demo.market import advance_market
 
 pytestmark = pytest.mark.db
@@ -53,6 +53,14 @@ def test_index_daily_is_tushare_layout_and_follows_the_calendar(tables):
         assert (part.high.astype(float) >= np.maximum(part.open.astype(float), close)).all()
         assert (part.low.astype(float) <= np.minimum(part.open.astype(float), close)).all()
         assert (part.vol.astype(float) > 1e7).all() and (part.amount.astype(float) > 1e7).all()  # 手, 千元
+
+
+def test_a_short_demo_has_bars_of_every_index():
+    """``bin/demo --days 45`` declares the same benchmarks: the late index starts half-way in instead."""
+    days = pd.bdate_range("2021-01-04", periods=45)
+    bars = index_bars(days, seed=7)
+    late = bars[bars.ts_code == CHINEXT].trade_date.tolist()
+    assert late == list(days[22:].date) and len(bars[bars.ts_code == CSI300]) == 45
 
 
 def test_index_weight_has_monthly_snapshots_with_membership_changes(tables):

@@ -354,9 +354,10 @@ def launch_partition_runs(dep: Deployment, requests: list[tuple[str, str]]) -> l
     return [r["run"]["runId"] for r in results]
 
 
-def keys_up_to(keys: list[str], last: date) -> list[str]:
-    """The partition keys of days up to ``last`` (whatever the partitions are: calendar or trading days)."""
-    return [k for k in keys if date.fromisoformat(k) <= last]
+def registered_through(dep: Deployment, snapshot_id: str) -> list[str] | None:
+    """The snapshot's partition keys once they reach the last bar (and nothing later), else None."""
+    keys = dep.partition_keys(snapshot_id)
+    return keys if keys and date.fromisoformat(keys[-1]) == dep.last_bar else None
 
 
 def trading_days(url: str, after: date, count: int) -> list[date]:
@@ -408,8 +409,10 @@ def test_doctor_checks_the_production_deployment(deployment: Deployment):
 
 def test_a_partition_range_backfill_is_one_daemon_run_equal_to_a_direct_export(deployment: Deployment, tmp_path):
     dep = deployment
-    keys = keys_up_to(dep.partition_keys(FULL), dep.last_bar)
-    assert keys and date.fromisoformat(keys[-1]) == dep.last_bar
+    # on a new instance the snapshot_trading_days sensor registers the partitions: the trading days with bars
+    keys = dep.wait("the trading days registered by the sensor", lambda: registered_through(dep, FULL), timeout=240)
+    start = load_snapshots_file(dep.snapshots_yaml).get(FULL).start
+    assert keys == [d.isoformat() for d in trading_days(dep.market_url, start - timedelta(days=1), len(keys))]
     backfill_id = launch_backfill(dep, FULL, keys[0], keys[-1])
     dep.extra["pool_runs"] = launch_partition_runs(  # started now, checked in the next test (they overlap)
         dep, [(POOLED, keys[-1]), (POOLED, keys[-1]), (BESIDE, keys[-1])])
@@ -495,11 +498,12 @@ def test_schedules_run_and_tick_after_the_close_of_the_next_trading_days(deploym
         for w, tick in zip(when, ticks):
             result = tick["evaluationResult"]
             assert result["error"] is None, result
-            if w in trading:  # a run of that day's partition
-                [request] = result["runRequests"]
-                assert w.date().isoformat() in request["runKey"] + json.dumps(request["tags"]), request
+            if w in trading:  # a preview: it names the day it will register and request, and registers nothing
+                assert not result["runRequests"], result
+                assert f"it will register {w.date().isoformat()}" in result["skipReason"], result
             else:  # a weekday holiday: the schedule skips it and says why
                 assert not result["runRequests"] and "not a trading day" in result["skipReason"]
+    assert registered_through(dep, FULL), "a preview must not register a future day as a partition"
 
 
 def test_history_event_logs_and_schedule_state_survive_a_restart(deployment: Deployment):

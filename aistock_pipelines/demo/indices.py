@@ -5,7 +5,8 @@ exporter's universe and benchmark code must handle it:
 
 * ``market.index_daily`` (Tushare layout: index points as ``numeric(20,4)``, ``vol`` in 手, ``amount`` in
   千元): 000300.SH from the first day, with one trading day missing (:data:`MISSING_BAR`), and 399006.SZ
-  from :data:`LATE_START` trading days in (an index whose history starts inside the range).
+  from :data:`LATE_START` trading days in, or half-way in a shorter market (an index whose history starts
+  inside the range).
 * ``market.index_weight`` (Tushare layout): a monthly snapshot of 000300.SH's members on the first trading
   day of each month, rebalanced in June and December; a member that delists (kept in the weight date
   before its last bar, gone from the next) and an IPO that joins at a rebalance after its listing.
@@ -84,6 +85,7 @@ def index_bars(days: pd.DatetimeIndex, seed: int) -> pd.DataFrame:
     """Every index's bars on every trading day from its start (000300.SH lacks :data:`MISSING_BAR`)."""
     parts = []
     for k, (code, level, sigma, start) in enumerate(_INDICES):
+        start = min(start, len(days) // 2)  # a short demo (bin/demo --days 45) still has bars of every index
         rows = _bar_rows(code, days[start:], level, sigma, np.random.default_rng([seed, 300, k]))
         if code == CSI300 and MISSING_BAR < len(days):
             rows = rows[rows.trade_date != days[MISSING_BAR].date()]

@@ -4,7 +4,8 @@ Its run config is the request body of AIstock's export endpoint ``POST /api/v1/q
 (``snapshot_id``, ``mode``, ``codes``, ``start``, ``end``) plus the layout options a declaration has; the
 run page takes the place of that API's job status (``GET /jobs/{job_id}``). It is for one-off snapshots: a declared snapshot belongs to its asset (``snapshots/<id>``) and is refused here, so
 the two never fight over one directory. Files land under the same snapshot root, with the same atomic
-versions, lock, materialization-style metadata and ``meta.json``.
+versions, lock, materialization-style metadata and ``meta.json``. The six snapshot checks run on every
+ad-hoc export too: their results are in the output's metadata, and a failed check fails the run.
 """
 
 
@@ -14,7 +15,9 @@ from typing import Literal
 from dagster import Config, Failure, OpExecutionContext, Output, job, op
 from pydantic import Field
 
+from aistock_pipelines.export.snapshot_validation import validate_snapshot
 from aistock_pipelines.orchestration.snapshot_assets import build_exporter, export_failure, result_metadata
+from aistock_pipelines.orchestration.snapshot_checks import checks_metadata
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotLayout, SnapshotsFile
 
@@ -67,7 +70,13 @@ def adhoc_export_job(config: SnapshotsFile):
         except Exception as e:  # noqa: BLE001 - every cause named, any database password masked
             raise export_failure(config.snapshot_id, e, aistock_db.url)
         context.log.info("snapshot %s: %s, %s rows", config.snapshot_id, result.mode, result.rows)
-        return Output(None, metadata=result_metadata(result))
+        outcomes = validate_snapshot(result.path, aistock_db.engine(), mapping)
+        failed = [f"{o.name}: {o.description}" for o in outcomes if not o.passed]
+        metadata = {**result_metadata(result), **checks_metadata(outcomes)}
+        if failed:
+            raise Failure(description=f"snapshot {config.snapshot_id} written, but checks failed: " + "; ".join(failed),
+                          metadata=metadata, allow_retries=False)
+        return Output(None, metadata=metadata)
 
     @job(name=JOB_NAME, tags={"aistock/job": "adhoc_snapshot_export"},
          description="One-off snapshot export; run config mirrors the body of POST /api/v1/qlib/snapshots/daily.")

@@ -2,11 +2,14 @@
 
 A custom ``@schedule`` rather than ``build_schedule_from_partitioned_job``: the latter targets the previous
 day for daily partitions and refuses hour/minute on weekday crons. Holidays that fall on
-weekdays are skipped with a reason, read from the database's own trade calendar.
+weekdays are skipped with a reason, read from the database's own trade calendar. On a trading day the
+schedule registers the day as a partition first (its bars may not be loaded yet: the run retries). A tick
+evaluated before its time (the UI's preview of upcoming ticks) registers nothing and says what it will do,
+so a preview never puts a future day among the partitions.
 """
 
 
-from datetime import date
+from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -22,6 +25,7 @@ from dagster import (
 )
 
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
+from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
 from aistock_pipelines.resources import AIstockDatabase
 from aistock_pipelines.snapshot_config import SnapshotsFile, snapshot_name
 
@@ -56,17 +60,21 @@ def trading_day_closed(context: ScheduleEvaluationContext, db: AIstockDatabase,
     return today
 
 
-def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
+def post_close_schedule(decl, job, config: SnapshotsFile) -> ScheduleDefinition:
     """One schedule per open-ended snapshot (a schedule targets one job; snapshot partitions differ)."""
 
     @schedule(name=f"{job.name.removesuffix('_job')}_post_close", cron_schedule=POST_CLOSE_CRON,
               execution_timezone=EXCHANGE_TIMEZONE, job=job, default_status=DefaultScheduleStatus.RUNNING,
               description=f"After the close on trading days: today's partition of snapshots/{decl.id}.")
     def _post_close(context: ScheduleEvaluationContext, aistock_db: AIstockDatabase):
-        today = trading_day_closed(context, aistock_db, calendar_table)
+        today = trading_day_closed(context, aistock_db, config.mapping.calendar_table)
         if isinstance(today, SkipReason):
             return today
         key = today.isoformat()
+        if context.scheduled_execution_time > datetime.now(ZoneInfo(EXCHANGE_TIMEZONE)):
+            return SkipReason(f"preview of an upcoming tick: it will register {key} as a partition of "
+                              f"snapshots/{decl.id} and request it")
+        register_trading_days(context.instance, aistock_db.engine(), config, through=today, only=decl.id)
         return RunRequest(run_key=f"{decl.id}:{key}", partition_key=key, tags={"aistock/snapshot": decl.id})
 
     return _post_close
@@ -74,5 +82,5 @@ def post_close_schedule(decl, job, calendar_table: str) -> ScheduleDefinition:
 
 def post_close_schedules(config: SnapshotsFile, jobs) -> list[ScheduleDefinition]:
     by_name = {j.name: j for j in jobs}
-    return [post_close_schedule(d, by_name[snapshot_job_name(d.id)], config.mapping.calendar_table)
+    return [post_close_schedule(d, by_name[snapshot_job_name(d.id)], config)
             for d in config.snapshots if d.open_ended]

@@ -1,18 +1,17 @@
 """One partitioned asset per declared snapshot: ``snapshots/<id>``.
 
-Partitions are calendar days in Asia/Shanghai from the snapshot's start (``end_offset=1`` so the post-close
-schedule can target today). Days the trade calendar marks closed are no-ops (a materialization that says
-so), which keeps the partition grid simple while weekends and holidays do no work. A range backfill is
-one run (``BackfillPolicy.single_run``): a range starting at the snapshot's start is the full export,
-any other range merges into the snapshot with restatement handling. Each snapshot has its own pool, so two
+Partitions are the trading days of the snapshot's span that have bars (``trading_day_partitions.py``), so
+the UI offers exactly the days there is something to export. A range backfill is one run
+(``BackfillPolicy.single_run``): a range starting at the snapshot's start is the full export, any other range merges into the snapshot with restatement handling. Each snapshot has its own pool, so two
 runs never write one snapshot (the exporter's file lock is the second line of defence).
 """
 
 
 import hashlib
+import logging
 import traceback
 import warnings
-from datetime import date, timedelta
+from datetime import date
 
 import pandas as pd
 from dagster import (
@@ -21,7 +20,6 @@ from dagster import (
     Backoff,
     BetaWarning,
     BackfillPolicy,
-    DailyPartitionsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -29,7 +27,6 @@ from dagster import (
     asset,
 )
 
-from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.db import passwords, scrub
 from aistock_pipelines.export.exporter import DataGateError, DataNotReady, ExportResult, QlibDailyExporter
 from aistock_pipelines.export.mapping import ExportMapping, MappingError
@@ -40,11 +37,14 @@ from aistock_pipelines.export.snapshot_shape import SnapshotError
 from aistock_pipelines.export.snapshot_writer import SnapshotWriter
 from aistock_pipelines.orchestration.market_assets import DAILY_FEATURES_KEY
 from aistock_pipelines.orchestration.releases import export_diff_metadata
+from aistock_pipelines.orchestration.trading_day_partitions import Register, TradingDayPartitions
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotDecl, SnapshotsFile
 
 # Single-run backfills are the point of these assets; the beta notice would only repeat at every load.
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
+#: Phase messages for a console following the run (the demo shows them as progress); plain Python logging.
+progress = logging.getLogger("aistock_pipelines.progress")
 #: Only a day not loaded yet heals by waiting, and only the post-close schedule's run waits for it (the
 #: vendor may load late); every other error fails at once with its message (:func:`export_failure`).
 SNAPSHOT_RETRY = RetryPolicy(max_retries=3, delay=120, backoff=Backoff.EXPONENTIAL)
@@ -54,11 +54,9 @@ SCHEDULE_TAG = "dagster/schedule_name"
 _EXPORT_ERRORS = (DataGateError, DataNotReady, MappingError, SnapshotError)
 
 
-def partitions_for(decl: SnapshotDecl) -> DailyPartitionsDefinition:
-    if decl.end is None:
-        return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=EXCHANGE_TIMEZONE, end_offset=1)
-    return DailyPartitionsDefinition(start_date=decl.start.isoformat(), timezone=EXCHANGE_TIMEZONE,
-                                     end_date=(decl.end + timedelta(days=1)).isoformat())
+def partitions_for(decl: SnapshotDecl, register: Register | None = None) -> TradingDayPartitions:
+    """The snapshot's trading days; ``register`` (the code location's) registers them when asked for a key."""
+    return TradingDayPartitions(decl.id, register)
 
 
 def build_exporter(db: AIstockDatabase, store: SnapshotStore, mapping: ExportMapping,
@@ -106,6 +104,16 @@ def result_metadata(result: ExportResult) -> dict:
     return meta
 
 
+def partition_range(context: AssetExecutionContext) -> tuple[date, date]:
+    """The run's first and last day (a key added by hand in the UI may be no day at all)."""
+    keys = context.partition_key_range
+    try:
+        return date.fromisoformat(keys.start), date.fromisoformat(keys.end)
+    except ValueError:
+        raise Failure(description=f"partition keys {keys.start}..{keys.end} are not days (YYYY-MM-DD)",
+                      allow_retries=False) from None
+
+
 def export_failure(snapshot_id: str, exc: Exception, db_url: str | None) -> Failure:
     """A Failure that is not retried, carrying the cause's message with any database password masked.
 
@@ -125,8 +133,8 @@ def declaration_version(decl: SnapshotDecl, mapping: ExportMapping) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, retry_policy: RetryPolicy = SNAPSHOT_RETRY
-                   ) -> AssetsDefinition:
+def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, register: Register | None = None,
+                   retry_policy: RetryPolicy = SNAPSHOT_RETRY) -> AssetsDefinition:
     mapping = config.export_mapping()
 
     @asset(
@@ -134,7 +142,7 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, retry_policy: Retr
         group_name="snapshots",
         deps=[DAILY_FEATURES_KEY],
         code_version=declaration_version(decl, mapping),
-        partitions_def=partitions_for(decl),
+        partitions_def=partitions_for(decl, register),
         backfill_policy=BackfillPolicy.single_run(),
         retry_policy=retry_policy,
         pool=f"snapshot_{decl.id}",
@@ -144,9 +152,8 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, retry_policy: Retr
         metadata={"declaration": MetadataValue.json(decl.model_dump(mode="json"))},
     )
     def _snapshot(context: AssetExecutionContext, aistock_db: AIstockDatabase, snapshot_store: SnapshotStore) -> MaterializeResult:
-        window = context.partition_time_window
-        range_start = window.start.date()
-        range_end = (window.end - timedelta(days=1)).date()
+        range_start, range_end = partition_range(context)
+        progress.info("exporting %s..%s", range_start, range_end)
         try:
             exporter = build_exporter(aistock_db, snapshot_store, mapping, config.market_files(decl.universes))
             result = run_snapshot_export(exporter, decl, range_start, range_end)
@@ -162,10 +169,12 @@ def snapshot_asset(decl: SnapshotDecl, config: SnapshotsFile, retry_policy: Retr
             return MaterializeResult(metadata={"mode": "no trading day", "start": range_start.isoformat(),
                                                "end": range_end.isoformat()})
         context.log.info("snapshot %s: %s, %s rows, %s restated", decl.id, result.mode, result.rows, len(result.restated))
+        progress.info("%s export: %s rows written; recording the partitions, then the checks", result.mode,
+                      f"{result.rows:,}")
         return MaterializeResult(metadata=result_metadata(result))
 
     return _snapshot
 
 
-def snapshot_assets(config: SnapshotsFile) -> list[AssetsDefinition]:
-    return [snapshot_asset(decl, config) for decl in config.snapshots]
+def snapshot_assets(config: SnapshotsFile, register: Register | None = None) -> list[AssetsDefinition]:
+    return [snapshot_asset(decl, config, register) for decl in config.snapshots]

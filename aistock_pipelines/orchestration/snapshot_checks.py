@@ -5,6 +5,7 @@ materializes it stops there (downstream assets are not materialized) and the UI 
 and why. One multi-check per snapshot reads ``daily_pv.h5`` once for all six.
 """
 
+import logging
 
 from dagster import (
     AssetCheckResult,
@@ -50,10 +51,19 @@ def snapshot_checks(decl: SnapshotDecl, config: SnapshotsFile) -> AssetChecksDef
                 yield AssetCheckResult(asset_key=key, check_name=name, passed=False,
                                        description=f"snapshot {decl.id} has not been exported to {directory} yet")
             return
+        logging.getLogger("aistock_pipelines.progress").info("running the %s checks", len(CHECKS))
         for outcome in validate_snapshot(directory, aistock_db.engine(), mapping):
             yield _result(key, outcome)
 
     return _checks
+
+
+def checks_metadata(outcomes: list[CheckOutcome]) -> dict[str, str]:
+    """The checks' results as materialization metadata (the ad-hoc job's snapshots have no asset to check):
+    ``check_<name>`` = ``passed`` or ``FAILED: <why>``, plus ``checks_passed`` = ``n/6``."""
+    meta = {f"check_{o.name}": "passed" if o.passed else f"FAILED: {o.description}" for o in outcomes}
+    meta["checks_passed"] = f"{sum(o.passed for o in outcomes)}/{len(outcomes)}"
+    return meta
 
 
 def all_snapshot_checks(config: SnapshotsFile) -> list[AssetChecksDefinition]:

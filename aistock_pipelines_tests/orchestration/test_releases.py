@@ -13,6 +13,7 @@ from aistock_pipelines.export.releases import ReleaseStore
 from aistock_pipelines.orchestration.releases import (_check_reached, ends_period, release_definitions, release_job,
                                                      release_schedules, rollback_job)
 from aistock_pipelines.orchestration.snapshot_assets import build_exporter, snapshot_assets
+from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE
 from aistock_pipelines.snapshot_config import load_snapshots_file
@@ -97,11 +98,14 @@ def test_an_export_carries_the_diff_of_what_it_changed(market_db, tmp_path):
     assets = {a.key.path[-1]: a for a in snapshot_assets(CONFIG)}
     resources = {"aistock_db": AIstockDatabase(url=market_db), "snapshot_store": SnapshotStore(root=str(tmp_path))}
     instance = DagsterInstance.ephemeral()
+    with disposing_engine(market_db) as engine:
+        register_trading_days(instance, engine, CONFIG)
     full = materialize([assets["demo_qlib"]], resources=resources, instance=instance, tags={
         "dagster/asset_partition_range_start": "2023-01-03", "dagster/asset_partition_range_end": "2024-06-19"})
     assert "diff_restated" not in full.asset_materializations_for_node("snapshots__demo_qlib")[0].metadata
     with disposing_engine(market_db) as engine:
         adv = advance_market(engine, events=4)
+        register_trading_days(instance, engine, CONFIG)
     daily = materialize([assets["demo_qlib"]], resources=resources, instance=instance,
                         partition_key=adv.trade_date.isoformat())
     md = daily.asset_materializations_for_node("snapshots__demo_qlib")[0].metadata

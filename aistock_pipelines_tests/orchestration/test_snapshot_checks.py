@@ -13,13 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+from dagster import AssetCheckKey, AssetKey, AssetSelection, DagsterInstance, materialize
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from aistock_pipelines.cli import main
 from aistock_pipelines.definitions import build_definitions
 from aistock_pipelines.orchestration.adhoc_export import JOB_NAME as ADHOC_JOB
 from aistock_pipelines.orchestration.market_assets import OBSERVE_JOB
 from aistock_pipelines.orchestration.snapshot_checks import CHECKS
+from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
+from aistock_pipelines.snapshot_config import load_snapshots_file
+from aistock_pipelines_tests.helpers import disposing_engine
 from aistock_pipelines.settings import Settings
 
 pytestmark = pytest.mark.db
@@ -44,7 +48,10 @@ def exported(world):
     url, root, defs = world
     asset = defs.get_assets_def(QLIB)
     checks = [c for c in defs.asset_checks if QLIB in {k.asset_key for k in c.check_keys}]
-    result = materialize([asset, *checks], resources=defs.resources, instance=DagsterInstance.ephemeral(), tags=RANGE)
+    instance = DagsterInstance.ephemeral()
+    with disposing_engine(url) as engine:
+        register_trading_days(instance, engine, load_snapshots_file(Settings.from_env().snapshots_file))
+    result = materialize([asset, *checks], resources=defs.resources, instance=instance, tags=RANGE)
     return result
 
 
@@ -167,6 +174,8 @@ def test_adhoc_export_job(world):
     assert list(frame.columns)[:4] == ["$open", "$high", "$low", "$close"] and frame.dtypes.unique().tolist() == [np.float32]
     output_md = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"][0].event_specific_data.metadata
     assert output_md["rows"].value == len(frame) and output_md["mode"].value == "full"
+    assert output_md["checks_passed"].value == f"{len(CHECKS)}/{len(CHECKS)}"  # the snapshot checks ran too
+    assert {output_md[f"check_{name}"].value for name in CHECKS} == {"passed"}
 
     # again without overwrite: refused, the snapshot untouched
     again = job.execute_in_process(run_config=config, instance=instance, resources=defs.resources, raise_on_error=False)
@@ -202,6 +211,11 @@ def test_cli_partition_range_and_snapshot_listing(world, tmp_path, monkeypatch, 
     meta = json.loads((root / "demo_qlib" / "meta.json").read_text())
     assert meta["end"] == "2024-03-29"
     assert len(list((tmp_path / "history" / "runs").glob("*-*.db"))) == 1  # one run-id database: one run for the range
+    with DagsterInstance.from_config(str(tmp_path)) as instance:  # the checks ran in that run
+        executions = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [AssetCheckKey(QLIB, name) for name in CHECKS])
+    assert {e.status for e in executions.values()} == {AssetCheckExecutionRecordStatus.SUCCEEDED}
+    assert len(executions) == len(CHECKS)
 
     for name, value in {"AISTOCK_DB_URL": url, "AISTOCK_SNAPSHOT_ROOT": str(root)}.items():
         monkeypatch.setenv(name, value)

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, RetryPolicy, materialize
 
 from aistock_pipelines.orchestration.snapshot_assets import SCHEDULE_TAG, SNAPSHOT_RETRY, snapshot_asset
+from aistock_pipelines.orchestration.trading_day_partitions import partitions_name
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.snapshot_config import SnapshotsFile
 from aistock_pipelines_tests.helpers import disposing_engine
@@ -24,6 +25,7 @@ CONFIG = SnapshotsFile.model_validate({"snapshots": [{"id": "retry_probe", "star
 def run(resources: dict, partition: str, tags: dict | None = None):
     asset = snapshot_asset(CONFIG.snapshots[0], CONFIG, retry_policy=QUICK_RETRY)
     instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(partitions_name("retry_probe"), [partition])  # as the post-close schedule does
     result = materialize([asset], resources=resources, instance=instance, partition_key=partition, tags=tags,
                          raise_on_error=False)
     events = [e.event_type for e in result.all_events]

@@ -114,8 +114,8 @@ def test_non_functions_and_foreign_functions_are_refused(tmp_path: Path, monkeyp
 
 
 def test_missing_implementations() -> None:
-    with pytest.raises(ImplMissing, match="factor_turnover_adj_mom_10d does not exist"):
-        resolve_factor("rd_factors_lib.generated", "factor_turnover_adj_mom_10d", DEMO)
+    with pytest.raises(ImplMissing, match="factor_not_generated_yet does not exist"):
+        resolve_factor("rd_factors_lib.generated", "factor_not_generated_yet", DEMO)
     with pytest.raises(ImplMissing, match="'aistock_pipelines.demo.rd_factors_lib.momentum' not found"):
         resolve_factor("rd_factors_lib.momentum", "factor_mom_20d", DEMO)
     # without the demo mapping the real shared package is needed, and it is not installed here
@@ -181,6 +181,9 @@ def test_alignment_report_on_the_demo_catalog() -> None:
         {"name": "half", "source": "x", "impl_module": "rd_factors_lib.generated"},
         {"name": "unversioned", "source": "x", "impl_module": "rd_factors_lib.generated",
          "impl_func": "factor_vol_ratio_5d"},
+        # a pointer to a function the package does not have (yet): the case the check exists for
+        {"name": "gone", "source": "x", "impl_module": "rd_factors_lib.generated", "impl_func": "factor_gone",
+         "impl_version": "20260114"},
     ]
     report = alignment_report([*records, *extra], DEMO)
     status = {(e.name, e.source): e.status for e in report.entries}
@@ -188,7 +191,8 @@ def test_alignment_report_on_the_demo_catalog() -> None:
         ("factor_hl_range", "rdagent_generated"): ImplStatus.ALIGNED,
         ("factor_mom_20d", "rdagent_generated"): ImplStatus.ALIGNED,
         ("factor_mom_20d", "sota"): ImplStatus.ALIGNED,
-        ("factor_turnover_adj_mom_10d", "rdagent_generated"): ImplStatus.MISSING,
+        ("factor_turnover_adj_mom_10d", "rdagent_generated"): ImplStatus.ALIGNED,
+        ("gone", "x"): ImplStatus.MISSING,
         ("factor_vol_ratio_5d", "rdagent_generated"): ImplStatus.ALIGNED,
         ("older", "x"): ImplStatus.PACKAGE_OLDER,
         ("newer", "x"): ImplStatus.PACKAGE_NEWER,
@@ -196,12 +200,12 @@ def test_alignment_report_on_the_demo_catalog() -> None:
         ("half", "x"): ImplStatus.MISSING,
         ("unversioned", "x"): ImplStatus.VERSION_UNKNOWN,
     }
-    assert report.counts == {"aligned": 4, "package_older": 1, "package_newer": 1, "missing_implementation": 2,
+    assert report.counts == {"aligned": 5, "package_older": 1, "package_newer": 1, "missing_implementation": 2,
                              "not_allowed": 1, "version_unknown": 1}
     assert report.installed_versions == {"rd_factors_lib": "20260114"}
     assert not report.aligned
-    assert {e.name for e in report.problems} == {"factor_turnover_adj_mom_10d", "older", "shell", "half"}
-    assert alignment_report([r for r in records if r["name"] != "factor_turnover_adj_mom_10d"], DEMO).aligned
+    assert {e.name for e in report.problems} == {"gone", "older", "shell", "half"}
+    assert alignment_report(records, DEMO).aligned  # the demo catalog alone: every pointer resolves
 
 
 # --------------------------------------------------------------------------------- computation
@@ -257,6 +261,15 @@ def test_compute_factor_matches_hand_computation(dollar: bool) -> None:
     assert int(vol.notna().sum()) == 2 * 22
     np.testing.assert_allclose(rng.to_numpy(), (frame[p + "high"] / frame[p + "low"] - 1).to_numpy(), rtol=1e-15)
     assert rng.iloc[0] == pytest.approx(1.02 / 0.97 - 1)
+    turnover = frame.assign(**{p + "turnover_rate": (frame[p + "volume"] / 1000)})
+    adj = compute_factor(record("factor_turnover_adj_mom_10d"), turnover, DEMO)
+    expected_adj = hand_values(turnover, "close", lambda s, i: s[i] / s[i - 10] - 1 if i >= 10 else NAN)
+    mean_turnover = hand_values(turnover, "turnover_rate", lambda s, i: sum(s[i - 9:i + 1]) / 10 if i >= 9 else NAN)
+    got = adj.to_dict()
+    for key, value in expected_adj.items():
+        want = value / mean_turnover[key]
+        assert np.isnan(got[key]) if np.isnan(want) else got[key] == pytest.approx(want, rel=1e-12), key
+    assert int(adj.notna().sum()) == 2 * 16
 
 
 def test_compute_factor_on_unsorted_frame_keeps_caller_order() -> None:

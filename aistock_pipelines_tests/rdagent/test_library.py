@@ -55,12 +55,12 @@ DEMO_PERFORMANCE = {
     ("factor_turnover_adj_mom_10d", "rdagent_generated"): (0.88, 0.064, None),
     ("factor_vol_ratio_5d", "rdagent_generated"): (0.96, 0.0735, None),
 }
-#: (impl_resolves, impl_status) with the demo package (version 20260114, three functions).
+#: (impl_resolves, impl_status) with the demo package (version 20260114, every pointer of the demo catalog).
 DEMO_IMPL = {
     ("factor_hl_range", "rdagent_generated"): (True, "aligned"),
     ("factor_mom_20d", "rdagent_generated"): (True, "aligned"),
     ("factor_mom_20d", "sota"): (True, "aligned"),
-    ("factor_turnover_adj_mom_10d", "rdagent_generated"): (False, "missing_implementation"),
+    ("factor_turnover_adj_mom_10d", "rdagent_generated"): (True, "aligned"),
     ("factor_vol_ratio_5d", "rdagent_generated"): (True, "aligned"),
 }
 
@@ -236,7 +236,7 @@ def test_glances_read_the_views(demo_library: Engine) -> None:
     factors = glance(demo_library, "factors")
     assert [r["name"] for r in factors.rows][:1] == ["CLOSE0"]  # no demo factor has an IC: by name then
     assert factors.numbers == {"factors": 15, "factors_with_ic": 0, "factors_with_pointer": 5,
-                               "pointers_resolving": 4, "pointers_not_resolving": 1}
+                               "pointers_resolving": 5, "pointers_not_resolving": 0}
     loops = glance(demo_library, "loops")
     assert loops.numbers == {"loops": 6, "loops_positive_decision": 2, "loops_with_result": 5,
                              "best_annualized_return": 0.1342, "best_ic": 0.0381}

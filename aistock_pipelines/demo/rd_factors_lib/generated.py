@@ -38,3 +38,11 @@ def factor_vol_ratio_5d(df: pd.DataFrame) -> pd.Series:
 def factor_hl_range(df: pd.DataFrame) -> pd.Series:
     """Intraday range: high over low, minus one."""
     return (_column(df, "high") / _column(df, "low") - 1).rename("factor_hl_range")
+
+
+def factor_turnover_adj_mom_10d(df: pd.DataFrame) -> pd.Series:
+    """Turnover-adjusted 10-day momentum: the 10-row momentum over the 10-row mean turnover rate."""
+    close, turnover = _column(df, "close"), _column(df, "turnover_rate")
+    by_instrument = close.groupby(level="instrument")
+    mean_turnover = turnover.groupby(level="instrument").transform(lambda s: s.rolling(10, min_periods=10).mean())
+    return ((close / by_instrument.shift(10) - 1) / mean_turnover).rename("factor_turnover_adj_mom_10d")
