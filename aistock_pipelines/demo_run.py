@@ -16,24 +16,21 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
 import sqlalchemy as sa
 
 from aistock_pipelines.db import create_db_engine, redact
 from aistock_pipelines.demo.market import MarketSpec
 from aistock_pipelines.embedded_db import EmbeddedPostgres, resolve_db_url
 from aistock_pipelines.rdagent.factor_impl import DEMO_FACTOR_PACKAGES
-from aistock_pipelines.settings import PACKAGE_DIR, Settings
+from aistock_pipelines.settings import Settings
+from aistock_pipelines.demo_ui import serve_ui
 from aistock_pipelines.step_console import PREFIX, Step, StepConsole, copy_progress
 
 log = logging.getLogger(__name__)
@@ -41,8 +38,6 @@ log = logging.getLogger(__name__)
 PROGRESS_LOGGER = "aistock_pipelines.progress"
 #: In-process runs keep their events in the run history; the console shows only their warnings and errors.
 QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-UI_READY_TIMEOUT_S = 180
-UI_STOP_TIMEOUT_S = 30
 
 #: Instance config of the demo's Dagster home: local SQLite storage, one writer per snapshot pool.
 DEMO_INSTANCE_YAML = """\
@@ -143,13 +138,6 @@ def ensure_demo_market(settings: Settings, reseed: bool, step: Step | None = Non
         step.poll = None
         step.done(message)
     engine.dispose()
-
-
-def _workspace_args() -> list[str]:
-    workspace = PACKAGE_DIR.parent / "workspace.yaml"
-    if workspace.exists():
-        return ["-w", str(workspace)]
-    return ["-m", "aistock_pipelines.definitions"]
 
 
 def run_demo(settings: Settings, serve: bool = True, reseed: bool = False, port: int = 3000,
@@ -363,70 +351,3 @@ class _ProgressHandler(logging.Handler):
 def demo_steps() -> list:
     """The demo's steps after the market is seeded and the results API runs, in order."""
     return [sync_demo_rdagent_results, materialize_market_view, materialize_demo_snapshots]
-
-
-# ---------------------------------------------------------------------------------------------- the UI
-
-
-def ui_command(port: int) -> list[str]:
-    """``dg dev`` (Dagster's recommended local server) on the workspace; ``dagster dev`` where dg is not
-    installed, without its notice that ``dg dev`` supersedes it. Services log warnings and errors only."""
-    args = ["-h", "127.0.0.1", "-p", str(port), "--log-level", "warning", *_workspace_args()]
-    dg = shutil.which("dg", path=str(Path(sys.executable).parent))
-    if dg:
-        return [dg, "dev", *args]
-    return [sys.executable, "-W", "ignore::FutureWarning", "-m", "dagster", "dev", *args]
-
-
-def serve_ui(settings: Settings, dagster_home: Path, port: int, console: StepConsole) -> int:
-    """Run the UI until it exits or the demo is stopped; then stop its whole process group.
-
-    It runs in the Dagster home (so the repository's production ``dagster.yaml`` is not in its current
-    folder) and in a session of its own, so that stopping it reaches every process it started.
-    """
-    pid_file, log_path = settings.home / "demo.pid", dagster_home / "ui.log"
-    with log_path.open("ab") as ui_log:  # the services' and their runs' own logs; the console keeps the steps
-        proc = subprocess.Popen(ui_command(port), cwd=dagster_home, start_new_session=True, stdout=ui_log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    pid_file.write_text(f"{os.getpid()}\n")
-    try:
-        with console.step("Dagster UI") as step:
-            step.progress(f"starting on http://127.0.0.1:{port}")
-            wait_until_serving(proc, port, log_path)
-            step.done(f"http://127.0.0.1:{port} (its log: {log_path}) — Ctrl-C or SIGTERM "
-                      "(aistock-pipelines stop) stops the demo")
-        return proc.wait()
-    finally:
-        stop_process_group(proc)
-        pid_file.unlink(missing_ok=True)
-
-
-def wait_until_serving(proc: subprocess.Popen, port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + UI_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise RuntimeError(f"the Dagster UI exited with code {proc.returncode} (port {port} taken?): "
-                               + " | ".join(tail))
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the Dagster UI did not answer on port {port} within {UI_READY_TIMEOUT_S} s")
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGINT to the UI (it shuts its webserver, daemon and code servers down), then SIGKILL to whatever of
-    its process group is left (a run still executing, a server that hung)."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=UI_STOP_TIMEOUT_S)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    proc.wait()
