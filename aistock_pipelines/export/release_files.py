@@ -5,36 +5,38 @@ A hard link is safe because the snapshot writer never writes into a file another
 only bins with one link (:func:`qlib_bins._extend`) and writes everything else as new files. A release's
 links raise every linked inode's link count, so its bytes stay as they were.
 
-Work is per folder (an instrument's bins) in a few threads: linking, reading and hashing are system calls
-and ``hashlib`` work on buffers, all without the GIL; large files are hashed in chunks by a thread of their
-own, once per inode.
+The tree is split into shares of folders, one per core: the calling process walks the first
+(:func:`release_walk.walk`), worker processes the others, so the per-file system calls and small hashes of
+tens of thousands of bins run in parallel without a GIL between them. Large files are hashed in chunks by a
+thread of the calling process, once per inode, from the moment they are linked.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import shutil
-import threading
+import pickle
+import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import NamedTuple
 
+from aistock_pipelines.export import release_walk
+from aistock_pipelines.export.release_walk import LARGE, UNHASHED, Record, Share
 from aistock_pipelines.export.stored_snapshot import sha256_file
 
-#: Files at least this large are hashed in chunks by a thread of their own; smaller ones from one read.
-LARGE = 1 << 20
-#: The first read of a file: a bin's whole content (one value per trading day, 4 bytes each).
-_FIRST_READ = 1 << 16
-#: A hard link impossible here (another file system, no links, too many links): the file is copied.
-_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+__all__ = ["LARGE", "FileEntry", "LinkedTree", "compare_manifests", "link_tree", "manifest_of", "manifest_text",
+           "parse_manifest", "tree_files"]
+
+#: Shares (the calling process and worker processes) at most, one per core.
+MAX_SHARES = 4
+#: Files per share below which a worker process is not worth its start.
+MIN_SHARE_FILES = 2000
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a manifest."""
+class FileEntry(NamedTuple):
+    """One file of a manifest (a named tuple: tens of thousands are made per release)."""
 
     sha256: str
     size: int
@@ -76,11 +78,11 @@ def tree_files(folder: Path, exclude: frozenset[str] = frozenset()) -> dict[str,
 
 
 def link_tree(source: Path, target: Path, *, exclude: frozenset[str] = frozenset(), hash_files: bool = True,
-              known: dict[str, tuple[int, FileEntry]] | None = None, workers: int = 3) -> LinkedTree:
+              known: dict[str, tuple[int, FileEntry]] | None = None, shares: int | None = None) -> LinkedTree:
     """Make ``target`` (new, or an empty folder) a tree of hard links to every file of ``source`` but
     ``exclude``, and hash each file through its new name. ``known``: relative path → (inode, entry) of
     large files already hashed (an earlier release of the same version); a file linked to that very inode
-    takes the entry unread."""
+    takes the entry unread. ``shares``: processes at most (default: one per core, up to :data:`MAX_SHARES`)."""
     listing = tree_files(source, exclude)
     out = LinkedTree()
     parents = {os.path.dirname(d) for d in listing if d} | {""}
@@ -88,142 +90,126 @@ def link_tree(source: Path, target: Path, *, exclude: frozenset[str] = frozenset
         made = target / rel_dir if rel_dir else target
         made.mkdir(parents=not rel_dir, exist_ok=not rel_dir)  # the top may exist, empty
         out.bytes_added += os.stat(made).st_blocks * 512
-    leaves = frozenset(listing) - parents  # made by their own task (thousands of instrument folders)
-    for rel, entry, copied, blocks in _per_folder(listing, str(source), str(target), hash_files, known, workers,
-                                                  leaves):
-        if rel is None:  # a folder the task made
-            out.bytes_added += blocks
-            continue
+    leaves = frozenset(listing) - parents  # made by the share that walks them (thousands of instrument folders)
+    records, made = _walk(listing, str(source), str(target), leaves, hash_files, known or {}, shares)
+    out.bytes_added += made
+    for rel, entry, added in records:
         out.files[rel] = entry
-        if copied:
+        if added is not None:
             out.copied.append(rel)
-            out.bytes_added += blocks
-    out.files = dict(sorted(out.files.items()))
+            out.bytes_added += added
     return out
 
 
-def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), workers: int = 3) -> dict[str, FileEntry]:
+def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), shares: int | None = None) -> dict[str, FileEntry]:
     """sha256 and size of every file under ``folder`` but ``exclude``, recomputed from the bytes."""
-    listing = tree_files(folder, exclude)
-    return dict(sorted((rel, entry) for rel, entry, _, _ in _per_folder(listing, None, str(folder), True, None, workers)))
+    records, _ = _walk(tree_files(folder, exclude), None, str(folder), frozenset(), True, {}, shares)
+    return {rel: entry for rel, entry, _ in records}
 
 
-def _per_folder(listing: dict[str, list[str]], source: str | None, target: str, hash_files: bool,
-                known: dict[str, tuple[int, FileEntry]] | None, workers: int,
-                make: frozenset[str] = frozenset()) -> Iterator[tuple[str | None, FileEntry | None, bool, int]]:
-    """(relative path, entry, copied, blocks) of every listed file, by :func:`_folder` — which first makes
-    its folder when it is in ``make`` (then also (None, None, False, its blocks)) — in a few large tasks:
-    one per folder would hand the GIL between a worker and the collecting thread thousands of times."""
-    folders = [(d, names) for d, names in listing.items() if names or d in make]
-    tasks = max(1, min(len(folders), workers * 4))
-    with _Hasher(hash_files, known or {}) as hasher, ThreadPoolExecutor(workers, thread_name_prefix="release") as pool:
-        jobs = [pool.submit(_folders, source, target, folders[i::tasks], hasher, make) for i in range(tasks)]
-        for job in jobs:
-            for rel, entry, copied, blocks in job.result():
-                yield rel, (None if rel is None else hasher.resolve(entry)), copied, blocks
+def _walk(listing: dict[str, list[str]], source: str | None, target: str, make: frozenset[str], hash_files: bool,
+          known: dict[str, tuple[int, FileEntry]], shares: int | None) -> tuple[list[tuple[str, FileEntry, int | None]], int]:
+    """(relative path, entry, bytes of its copy or None) of every listed file, sorted by path, and the bytes of the
+    folders made (``make``): the first share walked here, the others by worker processes meanwhile."""
+    first, *others = [Share(source, target, part, make, hash_files) for part in _split(listing, make, shares)]
+    workers: list[_Worker] = []
+    with _LargeFiles(target, known) as large:
+        try:
+            for _ in others:
+                workers.append(_Worker())
+            for worker, share in zip(workers, others):  # every worker started before the first waits to read
+                worker.send(share)
+            records, made = release_walk.walk(first, large.start)
+            for worker in workers:
+                more, more_made = worker.result()
+                records += more
+                made += more_made
+        finally:
+            for worker in workers:
+                worker.stop()
+        records.sort()
+        return [(rel, large.entry(rel, size, inode) if inode else FileEntry(digest, size), added)
+                for rel, digest, size, inode, added in records], made
 
 
-def _folders(source: str | None, target: str, folders: list[tuple[str, list[str]]], hasher: "_Hasher",
-             make: frozenset[str]) -> list[tuple[str | None, FileEntry | Future | None, bool, int]]:
-    """:func:`_folder` for each of ``folders``, in order."""
-    out: list = []
-    for rel_dir, names in folders:
-        out += _folder(source, target, rel_dir, names, hasher, rel_dir in make)
-    return out
+def _split(listing: dict[str, list[str]], make: frozenset[str], shares: int | None) -> list[list[tuple[str, list[str]]]]:
+    """The folders in shares of about as many files each, the top folders first in the first share (the
+    calling process's: a large file there starts its hashing at once)."""
+    folders = sorted(((d, names) for d, names in listing.items() if names or d in make),
+                     key=lambda f: (f[0].count(os.sep), f[0]))
+    files = sum(len(names) for _, names in folders)
+    most = shares or (min(os.cpu_count() or 1, MAX_SHARES) if sys.executable else 1)
+    n = max(1, min(most, files // MIN_SHARE_FILES, len(folders)))
+    return [folders[i::n] for i in range(n)]
 
 
-class _Hasher:
-    """Hashes files for :func:`_folder`: small ones at once, in its thread, from one read; large ones in a
-    thread of their own, once per inode (``rdagent/daily_pv.h5`` is the top-level file's second name)."""
+class _LargeFiles:
+    """Hashes large files in a thread of their own, once per inode (``rdagent/daily_pv.h5`` is the top
+    file's second name); a file still linked to the inode an earlier release hashed (``known``) is not
+    read again."""
 
-    def __init__(self, enabled: bool, known: dict[str, tuple[int, FileEntry]]):
-        self.enabled, self.known = enabled, known
-        self.large = ThreadPoolExecutor(1, thread_name_prefix="release-large")
+    def __init__(self, root: str, known: dict[str, tuple[int, FileEntry]]):
+        self.root, self.known = root, known
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="release-large")
         self.by_inode: dict[int, Future] = {}
-        self.lock = threading.Lock()
 
-    def __enter__(self) -> "_Hasher":
+    def __enter__(self) -> "_LargeFiles":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.large.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
 
-    def entry(self, rel: str, fd: int, target: str) -> FileEntry | Future:
-        """The entry of the file open as ``fd`` (``rel`` under ``target``), or a Future of it. A large file
-        still linked to the inode an earlier release hashed (``known``) is not read again."""
-        data = _read_small(fd)
-        if data is not None:
-            return FileEntry(hashlib.sha256(data).hexdigest(), len(data))
-        st = os.fstat(fd)
+    def _prior(self, rel: str, size: int, inode: int) -> FileEntry | None:
         prior = self.known.get(rel)
-        if prior is not None and prior[0] == st.st_ino and prior[1].size == st.st_size:
-            return prior[1]
-        with self.lock:
-            if st.st_ino not in self.by_inode:
-                path = os.path.join(target, rel)
-                self.by_inode[st.st_ino] = self.large.submit(lambda: FileEntry(sha256_file(path), st.st_size))
-            return self.by_inode[st.st_ino]
+        return prior[1] if prior is not None and prior[0] == inode and prior[1].size == size else None
 
-    @staticmethod
-    def resolve(entry: FileEntry | Future) -> FileEntry:
-        return entry.result() if isinstance(entry, Future) else entry
+    def start(self, rel: str, size: int, inode: int) -> None:
+        """Start hashing ``rel`` unless its inode is hashed already or known."""
+        if inode not in self.by_inode and self._prior(rel, size, inode) is None:
+            self.by_inode[inode] = self.pool.submit(sha256_file, Path(self.root, rel))
 
-
-def _folder(source: str | None, target: str, rel_dir: str, names: list[str], hasher: _Hasher,
-            make: bool) -> list[tuple[str | None, FileEntry | Future | None, bool, int]]:
-    """Link (or copy) ``names`` of one folder of ``source`` into ``target`` (no source: only hash) and hash
-    them through their names in ``target``; ``make``: make the folder first. Per file: link, open, read,
-    close — the system calls are the cost at tens of thousands of bins."""
-    out: list = []
-    if make:
-        os.mkdir(os.path.join(target, rel_dir))
-        out.append((None, None, False, os.stat(os.path.join(target, rel_dir)).st_blocks * 512))
-    src = os.open(os.path.join(source, rel_dir), os.O_RDONLY | os.O_DIRECTORY) if source is not None else None
-    dst = os.open(os.path.join(target, rel_dir), os.O_RDONLY | os.O_DIRECTORY)
-    prefix = rel_dir + os.sep if rel_dir else ""
-    try:
-        for name in names:
-            rel = prefix + name
-            copied = src is not None and _link_or_copy(src, dst, name, source, target, rel)
-            blocks = os.stat(name, dir_fd=dst).st_blocks * 512 if copied else 0
-            if not hasher.enabled:
-                out.append((rel, FileEntry("", 0), copied, blocks))
-                continue
-            fd = os.open(name, os.O_RDONLY, dir_fd=dst)
-            try:
-                out.append((rel, hasher.entry(rel, fd, target), copied, blocks))
-            finally:
-                os.close(fd)
-    finally:
-        if src is not None:
-            os.close(src)
-        os.close(dst)
-    return out
+    def entry(self, rel: str, size: int, inode: int) -> FileEntry:
+        """The entry of a large file (waiting for its hash)."""
+        prior = self._prior(rel, size, inode)
+        if prior is not None:
+            return prior
+        self.start(rel, size, inode)
+        return FileEntry(self.by_inode[inode].result(), size)
 
 
-def _link_or_copy(src_dir: int, dst_dir: int, name: str, source: str, target: str, rel: str) -> bool:
-    """Hard-link ``name``; copy it where this file system cannot link it. True when copied."""
-    try:
-        os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
-        return False
-    except OSError as e:
-        if e.errno not in _NO_LINK:
-            raise
-    shutil.copyfile(os.path.join(source, rel), os.path.join(target, rel))
-    return True
+class _Worker:
+    """A worker process walking one share (``python -I -S release_walk.py``: the standard library only)."""
 
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-I", "-S", release_walk.__file__],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-def _read_small(fd: int) -> bytes | None:
-    """The whole file open as ``fd`` if it is smaller than :data:`LARGE`, else None. Reads stop at an
-    empty read (the end of the file: checked, not assumed)."""
-    data = os.read(fd, _FIRST_READ)
-    while True:
-        more = os.read(fd, _FIRST_READ)
-        if not more:
-            return data
-        data += more
-        if len(data) >= LARGE:
-            return None
+    def send(self, share: Share) -> None:
+        with self.process.stdin as job:
+            job.write(pickle.dumps(tuple(share), pickle.HIGHEST_PROTOCOL))
+
+    def result(self) -> tuple[list[Record], int]:
+        """The share's records and the bytes of the folders it made; its error raised here."""
+        try:
+            status, *result = pickle.load(self.process.stdout)
+        except EOFError:
+            status = None
+        code = self.process.wait()
+        if status == "error":
+            raise result[0]
+        if status != "ok" or code != 0:
+            raise RuntimeError(f"a worker process linking or hashing release files ended with exit code {code} "
+                               "without its result (killed? out of memory?); nothing was released: try again")
+        return result[0], result[1]
+
+    def stop(self) -> None:
+        """End the process if it still runs (the caller failed first)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+        if not self.process.stdin.closed:
+            self.process.stdin.close()
 
 
 def manifest_text(files: dict[str, FileEntry]) -> str:
