@@ -7,8 +7,8 @@ links raise every linked inode's link count, so its bytes stay as they were.
 
 The tree is split into shares of folders, one per core: the calling process walks the first
 (:func:`release_walk.walk`), worker processes the others, so the per-file system calls and small hashes of
-tens of thousands of bins run in parallel without a GIL between them. Large files are hashed in chunks by a
-thread of the calling process, once per inode, from the moment they are linked.
+tens of thousands of bins run in parallel without a GIL between them. Large files are hashed by a worker
+process of their own, once per inode, from the moment the first is linked.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ import os
 import pickle
 import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from aistock_pipelines.export import release_walk
-from aistock_pipelines.export.release_walk import LARGE, UNHASHED, Record, Share
-from aistock_pipelines.export.stored_snapshot import sha256_file
+from aistock_pipelines.export.release_walk import LARGE, Share, Walked
 
 __all__ = ["LARGE", "FileEntry", "LinkedTree", "compare_manifests", "link_tree", "manifest_of", "manifest_text",
            "parse_manifest", "tree_files"]
@@ -91,45 +89,43 @@ def link_tree(source: Path, target: Path, *, exclude: frozenset[str] = frozenset
         made.mkdir(parents=not rel_dir, exist_ok=not rel_dir)  # the top may exist, empty
         out.bytes_added += os.stat(made).st_blocks * 512
     leaves = frozenset(listing) - parents  # made by the share that walks them (thousands of instrument folders)
-    records, made = _walk(listing, str(source), str(target), leaves, hash_files, known or {}, shares)
-    out.bytes_added += made
-    for rel, entry, added in records:
-        out.files[rel] = entry
-        if added is not None:
-            out.copied.append(rel)
-            out.bytes_added += added
+    out.files, copies, made = _walk(listing, str(source), str(target), leaves, hash_files, known or {}, shares)
+    out.copied = sorted(copies)
+    out.bytes_added += made + sum(copies.values())
     return out
 
 
 def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), shares: int | None = None) -> dict[str, FileEntry]:
     """sha256 and size of every file under ``folder`` but ``exclude``, recomputed from the bytes."""
-    records, _ = _walk(tree_files(folder, exclude), None, str(folder), frozenset(), True, {}, shares)
-    return {rel: entry for rel, entry, _ in records}
+    return _walk(tree_files(folder, exclude), None, str(folder), frozenset(), True, {}, shares)[0]
 
 
 def _walk(listing: dict[str, list[str]], source: str | None, target: str, make: frozenset[str], hash_files: bool,
-          known: dict[str, tuple[int, FileEntry]], shares: int | None) -> tuple[list[tuple[str, FileEntry, int | None]], int]:
-    """(relative path, entry, bytes of its copy or None) of every listed file, sorted by path, and the bytes of the
-    folders made (``make``): the first share walked here, the others by worker processes meanwhile."""
+          known: dict[str, tuple[int, FileEntry]], shares: int | None) -> tuple[dict[str, FileEntry], dict[str, int], int]:
+    """The entry of every listed file (sorted by path), the bytes on disk of each file copied instead of
+    linked, and those of the folders made (``make``): the first share walked here, the others by worker
+    processes meanwhile."""
     first, *others = [Share(source, target, part, make, hash_files) for part in _split(listing, make, shares)]
+    large = _LargeFiles(target, known)
     workers: list[_Worker] = []
-    with _LargeFiles(target, known) as large:
-        try:
-            for _ in others:
-                workers.append(_Worker())
-            for worker, share in zip(workers, others):  # every worker started before the first waits to read
-                worker.send(share)
-            records, made = release_walk.walk(first, large.start)
-            for worker in workers:
-                more, more_made = worker.result()
-                records += more
-                made += more_made
-        finally:
-            for worker in workers:
-                worker.stop()
-        records.sort()
-        return [(rel, large.entry(rel, size, inode) if inode else FileEntry(digest, size), added)
-                for rel, digest, size, inode, added in records], made
+    try:
+        for _ in others:
+            workers.append(_Worker())
+        for worker, share in zip(workers, others):  # every worker started before the first waits to read
+            worker.send(("walk", *share), last=True)
+        walked = [release_walk.walk(first, large.start)] + [Walked(*worker.result()) for worker in workers]
+        for rel, (size, inode) in (item for w in walked[1:] for item in w.large.items()):
+            large.start(rel, size, inode)  # the large files only worker processes met
+        digests = large.finish()
+    finally:
+        for worker in workers:
+            worker.stop()
+        large.stop()
+    found = {rel: FileEntry(digest, size) for w in walked for rel, digest, size in zip(w.rels, w.digests, w.sizes)}
+    for rel, (size, inode) in (item for w in walked for item in w.large.items()):
+        found[rel] = large.entry(rel, size, inode, digests)
+    files = {rel: found[rel] for rel in sorted(found)}  # sorted by key: no tuple per file (manifest_text)
+    return files, {rel: n for w in walked for rel, n in w.copies.items()}, sum(w.made for w in walked)
 
 
 def _split(listing: dict[str, list[str]], make: frozenset[str], shares: int | None) -> list[list[tuple[str, list[str]]]]:
@@ -144,52 +140,61 @@ def _split(listing: dict[str, list[str]], make: frozenset[str], shares: int | No
 
 
 class _LargeFiles:
-    """Hashes large files in a thread of their own, once per inode (``rdagent/daily_pv.h5`` is the top
-    file's second name); a file still linked to the inode an earlier release hashed (``known``) is not
-    read again."""
+    """The sha256 of large files, once per inode (``rdagent/daily_pv.h5`` is the top file's second name), by a
+    worker process of their own from the first one linked (a thread here would wait for the GIL behind the
+    walk's system calls); a file still linked to the inode an earlier release hashed (``known``) is not read
+    again."""
 
     def __init__(self, root: str, known: dict[str, tuple[int, FileEntry]]):
         self.root, self.known = root, known
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="release-large")
-        self.by_inode: dict[int, Future] = {}
-
-    def __enter__(self) -> "_LargeFiles":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        self.inodes: list[int] = []  # sent for hashing, in order
+        self.worker: _Worker | None = None
 
     def _prior(self, rel: str, size: int, inode: int) -> FileEntry | None:
         prior = self.known.get(rel)
         return prior[1] if prior is not None and prior[0] == inode and prior[1].size == size else None
 
     def start(self, rel: str, size: int, inode: int) -> None:
-        """Start hashing ``rel`` unless its inode is hashed already or known."""
-        if inode not in self.by_inode and self._prior(rel, size, inode) is None:
-            self.by_inode[inode] = self.pool.submit(sha256_file, Path(self.root, rel))
+        """Have ``rel`` hashed unless its inode is sent already or known."""
+        if inode in self.inodes or self._prior(rel, size, inode) is not None:
+            return
+        if self.worker is None:
+            self.worker = _Worker()
+            self.worker.send(("hash",))
+        self.worker.send(os.path.join(self.root, rel))
+        self.inodes.append(inode)
 
-    def entry(self, rel: str, size: int, inode: int) -> FileEntry:
-        """The entry of a large file (waiting for its hash)."""
-        prior = self._prior(rel, size, inode)
-        if prior is not None:
-            return prior
-        self.start(rel, size, inode)
-        return FileEntry(self.by_inode[inode].result(), size)
+    def finish(self) -> dict[int, str]:
+        """The sha256 of every inode sent (waiting for the worker)."""
+        return dict(zip(self.inodes, self.worker.result()[0])) if self.worker is not None else {}
+
+    def entry(self, rel: str, size: int, inode: int, digests: dict[int, str]) -> FileEntry:
+        return self._prior(rel, size, inode) or FileEntry(digests[inode], size)
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
 
 
 class _Worker:
-    """A worker process walking one share (``python -I -S release_walk.py``: the standard library only)."""
+    """A worker process, ``python -I -S release_walk.py`` (the standard library only): pickled job in
+    (:func:`release_walk.main`), one pickled result out."""
 
     def __init__(self):
         self.process = subprocess.Popen([sys.executable, "-I", "-S", release_walk.__file__],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def send(self, share: Share) -> None:
-        with self.process.stdin as job:
-            job.write(pickle.dumps(tuple(share), pickle.HIGHEST_PROTOCOL))
+    def send(self, item: object, *, last: bool = False) -> None:
+        """Pickle ``item`` to the worker; ``last``: the job is complete."""
+        pickle.dump(item, self.process.stdin, pickle.HIGHEST_PROTOCOL)
+        self.process.stdin.flush()
+        if last:
+            self.process.stdin.close()
 
-    def result(self) -> tuple[list[Record], int]:
-        """The share's records and the bytes of the folders it made; its error raised here."""
+    def result(self) -> tuple:
+        """The job's result; the worker's error raised here."""
+        if not self.process.stdin.closed:
+            self.process.stdin.close()
         try:
             status, *result = pickle.load(self.process.stdout)
         except EOFError:
@@ -200,7 +205,7 @@ class _Worker:
         if status != "ok" or code != 0:
             raise RuntimeError(f"a worker process linking or hashing release files ended with exit code {code} "
                                "without its result (killed? out of memory?); nothing was released: try again")
-        return result[0], result[1]
+        return tuple(result)
 
     def stop(self) -> None:
         """End the process if it still runs (the caller failed first)."""
@@ -213,8 +218,13 @@ class _Worker:
 
 
 def manifest_text(files: dict[str, FileEntry]) -> str:
-    """A manifest as text: one ``<sha256> <size> <path>`` line per file, sorted by path."""
-    return "".join(f"{e.sha256} {e.size} {rel}\n" for rel, e in sorted(files.items()))
+    """A manifest as text: one ``<sha256> <size> <path>`` line per file, sorted by path (by key: sorting
+    the items would make a tuple per file, and those make the garbage collector walk the whole heap)."""
+    lines = []
+    for rel in sorted(files):
+        digest, size = files[rel]
+        lines.append(f"{digest} {size} {rel}\n")
+    return "".join(lines)
 
 
 def parse_manifest(text: str) -> dict[str, FileEntry]:

@@ -2,9 +2,9 @@
 cannot link it) and hashed through its new name — or only hashed, for a verify.
 
 Standard library only, because it also runs as a worker process of its own (``python -I -S
-release_walk.py``: the pickled :class:`Share` fields on stdin, pickled records on stdout: builtins only, as
-the worker imports nothing of the package), so that the link, open, read and close of tens of thousands of
-small files run on every core without handing a GIL back and forth.
+release_walk.py``, :func:`main`: builtins pickled both ways, as the worker imports nothing of the package),
+so that the link, open, read and close of tens of thousands of small files run on every core without
+handing a GIL back and forth, and a large file is hashed beside them (:func:`hash_paths`).
 :mod:`release_files` splits a tree into shares and collects the records.
 """
 
@@ -16,10 +16,10 @@ import os
 import pickle
 import shutil
 import sys
-from typing import Callable, NamedTuple
+from typing import BinaryIO, Callable, NamedTuple
 
-#: Files at least this large are left to the caller (hashed in chunks, once per inode); smaller ones are
-#: hashed here from one read.
+#: Files at least this large are left to the caller (hashed once per inode by :func:`hash_paths`); smaller
+#: ones are hashed here from one read.
 LARGE = 1 << 20
 #: The first read of a file: a bin's whole content (one value per trading day, 4 bytes each).
 _FIRST_READ = 1 << 16
@@ -42,26 +42,35 @@ class Share(NamedTuple):
     hash_files: bool
 
 
-#: One file: relative path, sha256 (:data:`UNHASHED` for a large or unhashed file), size (0 when unread),
-#: inode (of a large file, else 0), bytes on disk of its copy (None: linked).
-Record = tuple[str, str, int, int, "int | None"]
+class Walked(NamedTuple):
+    """What a walk found, in columns (no object per file to pickle or to track): each file's relative
+    path, sha256 (:data:`UNHASHED` for a large or unhashed file) and size (0 when unread); the large files
+    (relative path → size, inode), the files copied instead of linked (relative path → bytes on disk), and
+    the bytes on disk of the folders made."""
+
+    rels: list[str]
+    digests: list[str]
+    sizes: list[int]
+    large: dict[str, tuple[int, int]]
+    copies: dict[str, int]
+    made: int
 
 
-def walk(share: Share, on_large: Callable[[str, int, int], None] | None = None) -> tuple[list[Record], int]:
-    """The records of every file of ``share`` and the bytes on disk of the folders it made; ``on_large``
-    (relative path, size, inode) is told of each large file as soon as it is linked."""
-    records: list[Record] = []
+def walk(share: Share, on_large: Callable[[str, int, int], None] | None = None) -> Walked:
+    """Every file of ``share``; ``on_large`` (relative path, size, inode) is told of each large file as
+    soon as it is linked."""
+    out = Walked([], [], [], {}, {}, 0)
     made = 0
     flags = [os.O_RDONLY | _NOATIME]
     for rel_dir, names in share.folders:
-        made += _folder(share, rel_dir, names, records, flags, on_large)
-    return records, made
+        made += _folder(share, rel_dir, names, out, flags, on_large)
+    return out._replace(made=made)
 
 
-def _folder(share: Share, rel_dir: str, names: list[str], records: list[Record], flags: list[int],
+def _folder(share: Share, rel_dir: str, names: list[str], out: Walked, flags: list[int],
             on_large: Callable[[str, int, int], None] | None) -> int:
-    """Link (or copy) and hash ``names`` of one folder, appending to ``records``; the folder's bytes on
-    disk if this call made it. Per file: link, open, read, read (to see the end), close."""
+    """Link (or copy) and hash ``names`` of one folder into ``out``; the folder's bytes on disk if this
+    call made it. Per file: link, open, read, read (to see the end), close."""
     target = os.path.join(share.target, rel_dir)
     made = rel_dir in share.make
     if made:
@@ -71,15 +80,21 @@ def _folder(share: Share, rel_dir: str, names: list[str], records: list[Record],
     prefix = rel_dir + os.sep if rel_dir else ""
     try:
         for name in names:
-            added = None if src is None else _link_or_copy(src, dst, name, share.source, share.target, prefix + name)
+            rel = prefix + name
+            if src is not None and (added := _link_or_copy(src, dst, name, share.source, share.target, rel)) is not None:
+                out.copies[rel] = added
             try:
                 digest, size, inode = _hash(dst, name, flags) if share.hash_files else (UNHASHED, 0, 0)
             except OSError as e:
                 e.filename = os.path.join(target, name)  # the whole path, not the name in its folder
                 raise
-            records.append((prefix + name, digest, size, inode, added))
-            if inode and on_large is not None:
-                on_large(prefix + name, size, inode)
+            out.rels.append(rel)
+            out.digests.append(digest)
+            out.sizes.append(size)
+            if inode:
+                out.large[rel] = (size, inode)
+                if on_large is not None:
+                    on_large(rel, size, inode)
         return os.fstat(dst).st_blocks * 512 if made else 0
     finally:
         if src is not None:
@@ -125,12 +140,26 @@ def _hash(folder: int, name: str, flags: list[int]) -> tuple[str, int, int]:
     return hashlib.sha256(data).hexdigest(), len(data), 0
 
 
+def hash_paths(stream: BinaryIO) -> list[str]:
+    """The sha256 of each file whose path comes pickled on ``stream``, in order, until the stream ends."""
+    digests = []
+    while True:
+        try:
+            path = pickle.load(stream)
+        except EOFError:
+            return digests
+        with open(path, "rb") as f:
+            digests.append(hashlib.file_digest(f, "sha256").hexdigest())
+
+
 def main() -> None:
-    """Worker process: the pickled fields of a :class:`Share` on stdin; on stdout the pickled
-    ``("ok", records, made)``, or ``("error", exception)`` for the caller to raise."""
-    share = Share(*pickle.load(sys.stdin.buffer))
+    """Worker process: on stdin a pickled job — ``("walk", *share fields)``, or ``("hash",)`` followed by
+    paths until the input ends; on stdout the pickled ``("ok", *result)``, or ``("error", exception)`` for
+    the caller to raise."""
+    stdin = sys.stdin.buffer
+    kind, *fields = pickle.load(stdin)
     try:
-        result = ("ok", *walk(share))
+        result = ("ok", *walk(Share(*fields))) if kind == "walk" else ("ok", hash_paths(stdin))
     except Exception as e:  # noqa: BLE001 - handed to the caller, which raises it
         result = ("error", e)
     try:
