@@ -81,60 +81,82 @@ def link_tree(source: Path, target: Path, *, exclude: frozenset[str] = frozenset
     ``exclude``, and hash each file through its new name. ``known``: relative path → (inode, entry) of
     large files already hashed (an earlier release of the same version); a file linked to that very inode
     takes the entry unread. ``shares``: processes at most (default: one per core, up to :data:`MAX_SHARES`)."""
-    listing = tree_files(source, exclude)
-    out = LinkedTree()
-    parents = {os.path.dirname(d) for d in listing if d} | {""}
-    for rel_dir in sorted(parents, key=lambda d: (d.count(os.sep), d)):  # parents before children
-        made = target / rel_dir if rel_dir else target
-        made.mkdir(parents=not rel_dir, exist_ok=not rel_dir)  # the top may exist, empty
-        out.bytes_added += os.stat(made).st_blocks * 512
-    leaves = frozenset(listing) - parents  # made by the share that walks them (thousands of instrument folders)
-    out.files, copies, made = _walk(listing, str(source), str(target), leaves, hash_files, known or {}, shares)
-    out.copied = sorted(copies)
-    out.bytes_added += made + sum(copies.values())
-    return out
+    files, copies, made = _walk(source, target, exclude, hash_files, known or {}, shares)
+    return LinkedTree(files, sorted(copies), made + sum(copies.values()))
 
 
 def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), shares: int | None = None) -> dict[str, FileEntry]:
     """sha256 and size of every file under ``folder`` but ``exclude``, recomputed from the bytes."""
-    return _walk(tree_files(folder, exclude), None, str(folder), frozenset(), True, {}, shares)[0]
+    return _walk(None, folder, exclude, True, {}, shares)[0]
 
 
-def _walk(listing: dict[str, list[str]], source: str | None, target: str, make: frozenset[str], hash_files: bool,
+def _walk(source: Path | None, target: Path, exclude: frozenset[str], hash_files: bool,
           known: dict[str, tuple[int, FileEntry]], shares: int | None) -> tuple[dict[str, FileEntry], dict[str, int], int]:
-    """The entry of every listed file (sorted by path), the bytes on disk of each file copied instead of
-    linked, and those of the folders made (``make``): the first share walked here, the others by worker
-    processes meanwhile."""
-    first, *others = [Share(source, target, part, make, hash_files) for part in _split(listing, make, shares)]
-    large = _LargeFiles(target, known)
+    """The entry of every file (sorted by path), the bytes on disk of each file copied instead of linked, and
+    those of the folders made: the tree of ``source`` (None: of ``target``, only hashed) split into shares,
+    the first walked here, the others by worker processes meanwhile (started first: they boot while the
+    tree is listed)."""
     workers: list[_Worker] = []
+    large = _LargeFiles(str(target), known)
     try:
-        for _ in others:
+        for _ in range(_most_shares(shares) - 1):
             workers.append(_Worker())
-        for worker, share in zip(workers, others):  # every worker started before the first waits to read
+        listing = tree_files(target if source is None else source, exclude)
+        made, leaves = (0, frozenset()) if source is None else _make_parents(listing, target)
+        first, *others = [Share(None if source is None else str(source), str(target), part, leaves, hash_files)
+                          for part in _split(listing, leaves, len(workers) + 1)]
+        for worker, share in zip(workers, others):
             worker.send(("walk", *share), last=True)
-        walked = [release_walk.walk(first, large.start)] + [Walked(*worker.result()) for worker in workers]
-        for rel, (size, inode) in (item for w in walked[1:] for item in w.large.items()):
-            large.start(rel, size, inode)  # the large files only worker processes met
+        for worker in workers[len(others):]:  # a small tree: fewer shares
+            worker.stop()
+        walked = release_walk.walk(first, large.start)
+        files, copies = _entries(walked), dict(walked.copies)  # while the workers finish
+        for worker in workers[:len(others)]:
+            more = Walked(*worker.result())
+            files |= _entries(more)
+            copies |= more.copies
+            made += more.made
+            for rel, (size, inode) in more.large.items():  # the large files only worker processes met
+                large.start(rel, size, inode)
         digests = large.finish()
+        for rel, (size, inode) in large.found.items():
+            files[rel] = large.entry(rel, size, inode, digests)
     finally:
         for worker in workers:
             worker.stop()
         large.stop()
-    found = {rel: FileEntry(digest, size) for w in walked for rel, digest, size in zip(w.rels, w.digests, w.sizes)}
-    for rel, (size, inode) in (item for w in walked for item in w.large.items()):
-        found[rel] = large.entry(rel, size, inode, digests)
-    files = {rel: found[rel] for rel in sorted(found)}  # sorted by key: no tuple per file (manifest_text)
-    return files, {rel: n for w in walked for rel, n in w.copies.items()}, sum(w.made for w in walked)
+    return {rel: files[rel] for rel in sorted(files)}, copies, made + walked.made  # by key: no tuple per file
 
 
-def _split(listing: dict[str, list[str]], make: frozenset[str], shares: int | None) -> list[list[tuple[str, list[str]]]]:
-    """The folders in shares of about as many files each, the top folders first in the first share (the
-    calling process's: a large file there starts its hashing at once)."""
+def _make_parents(listing: dict[str, list[str]], target: Path) -> tuple[int, frozenset[str]]:
+    """Make the folders of ``target`` that hold other folders (the top may exist, empty): their bytes on disk,
+    and the other folders, made by the share that walks them (thousands of instrument folders)."""
+    parents = {os.path.dirname(d) for d in listing if d} | {""}
+    made = 0
+    for rel_dir in sorted(parents, key=lambda d: (d.count(os.sep), d)):  # parents before children
+        folder = target / rel_dir if rel_dir else target
+        folder.mkdir(parents=not rel_dir, exist_ok=not rel_dir)
+        made += os.stat(folder).st_blocks * 512
+    return made, frozenset(listing) - parents
+
+
+def _entries(walked: Walked) -> dict[str, FileEntry]:
+    """A walk's entries (those of large files are placeholders until hashed)."""
+    return {rel: FileEntry(digest, size) for rel, digest, size in zip(walked.rels, walked.digests, walked.sizes)}
+
+
+def _most_shares(shares: int | None) -> int:
+    """Shares at most: ``shares``, or one per core up to :data:`MAX_SHARES` (one without an interpreter to start)."""
+    return max(1, shares or (min(os.cpu_count() or 1, MAX_SHARES) if sys.executable else 1))
+
+
+def _split(listing: dict[str, list[str]], make: frozenset[str], most: int) -> list[list[tuple[str, list[str]]]]:
+    """The folders in up to ``most`` shares of about as many files each (none under
+    :data:`MIN_SHARE_FILES`), the top folders first in the first share (the calling process's: a large file
+    there starts its hashing at once)."""
     folders = sorted(((d, names) for d, names in listing.items() if names or d in make),
                      key=lambda f: (f[0].count(os.sep), f[0]))
     files = sum(len(names) for _, names in folders)
-    most = shares or (min(os.cpu_count() or 1, MAX_SHARES) if sys.executable else 1)
     n = max(1, min(most, files // MIN_SHARE_FILES, len(folders)))
     return [folders[i::n] for i in range(n)]
 
@@ -147,6 +169,7 @@ class _LargeFiles:
 
     def __init__(self, root: str, known: dict[str, tuple[int, FileEntry]]):
         self.root, self.known = root, known
+        self.found: dict[str, tuple[int, int]] = {}  # relative path → size, inode
         self.inodes: list[int] = []  # sent for hashing, in order
         self.worker: _Worker | None = None
 
@@ -156,6 +179,7 @@ class _LargeFiles:
 
     def start(self, rel: str, size: int, inode: int) -> None:
         """Have ``rel`` hashed unless its inode is sent already or known."""
+        self.found[rel] = (size, inode)
         if inode in self.inodes or self._prior(rel, size, inode) is not None:
             return
         if self.worker is None:
@@ -169,9 +193,11 @@ class _LargeFiles:
         return dict(zip(self.inodes, self.worker.result()[0])) if self.worker is not None else {}
 
     def entry(self, rel: str, size: int, inode: int, digests: dict[int, str]) -> FileEntry:
+        """The entry of a large file: the earlier release's, or from ``digests`` (:meth:`finish`)."""
         return self._prior(rel, size, inode) or FileEntry(digests[inode], size)
 
     def stop(self) -> None:
+        """End the worker if it still runs."""
         if self.worker is not None:
             self.worker.stop()
 
@@ -204,7 +230,7 @@ class _Worker:
             raise result[0]
         if status != "ok" or code != 0:
             raise RuntimeError(f"a worker process linking or hashing release files ended with exit code {code} "
-                               "without its result (killed? out of memory?); nothing was released: try again")
+                               "without its result (killed? out of memory?); run the command again")
         return tuple(result)
 
     def stop(self) -> None:

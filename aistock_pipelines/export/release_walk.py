@@ -81,8 +81,10 @@ def _folder(share: Share, rel_dir: str, names: list[str], out: Walked, flags: li
     try:
         for name in names:
             rel = prefix + name
-            if src is not None and (added := _link_or_copy(src, dst, name, share.source, share.target, rel)) is not None:
-                out.copies[rel] = added
+            if src is not None:
+                added = _link_or_copy(src, dst, name, share.source, share.target, rel)
+                if added is not None:
+                    out.copies[rel] = added
             try:
                 digest, size, inode = _hash(dst, name, flags) if share.hash_files else (UNHASHED, 0, 0)
             except OSError as e:
@@ -157,7 +159,10 @@ def main() -> None:
     paths until the input ends; on stdout the pickled ``("ok", *result)``, or ``("error", exception)`` for
     the caller to raise."""
     stdin = sys.stdin.buffer
-    kind, *fields = pickle.load(stdin)
+    try:
+        kind, *fields = pickle.load(stdin)
+    except EOFError:  # not needed after all (a small tree)
+        return
     try:
         result = ("ok", *walk(Share(*fields))) if kind == "walk" else ("ok", hash_paths(stdin))
     except Exception as e:  # noqa: BLE001 - handed to the caller, which raises it

@@ -97,18 +97,20 @@ def test_files_are_copied_where_this_file_system_cannot_link_them(tree, tmp_path
         shutil.rmtree(target, ignore_errors=True)
 
 
-def test_refusals_and_a_worker_process_error_name_the_path(tree, tmp_path):
-    """A file gone between the listing and its link, in a worker process's share: its error, raised here,
-    names both paths. A symlink in a version is refused."""
+def test_refusals_and_a_worker_process_error_name_the_path(tree, tmp_path, monkeypatch):
+    """A file gone between the listing and its link (the listing is given one more name in a worker
+    process's share: the race, staged), raised here from the worker, names both paths. A symlink in a
+    version is refused."""
     src, _ = tree
     listing = release_files.tree_files(src)
     leaves = frozenset(listing) - {os.path.dirname(d) for d in listing if d} - {""}
     worker_folder = next(d for d, _ in release_files._split(listing, leaves, 2)[1] if d.startswith("features/"))
     listing[worker_folder].append("gone.day.bin")
-    (tmp_path / "dst" / "features").mkdir(parents=True)
+    monkeypatch.setattr(release_files, "tree_files", lambda folder, exclude: listing)
     with pytest.raises(FileNotFoundError, match=re.escape(f"{src / worker_folder}/gone.day.bin' -> "
                                                           f"'{tmp_path / 'dst' / worker_folder}/gone.day.bin")):
-        release_files._walk(listing, str(src), str(tmp_path / "dst"), leaves, True, {}, 2)
+        link_tree(src, tmp_path / "dst", shares=2)
+    monkeypatch.undo()
     (src / "calendars" / "link.txt").symlink_to(src / "calendars" / "edge0.txt")
     with pytest.raises(OSError, match="link.txt is not a regular file"):
         link_tree(src, tmp_path / "other")
