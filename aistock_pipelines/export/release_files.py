@@ -229,8 +229,9 @@ class _Worker:
         if status == "error":
             raise result[0]
         if status != "ok" or code != 0:
-            raise RuntimeError(f"a worker process linking or hashing release files ended with exit code {code} "
-                               "without its result (killed? out of memory?); run the command again")
+            raise RuntimeError(f"a worker process linking or hashing release files ({sys.executable} "
+                               f"{release_walk.__file__}) ended with exit code {code} without its result (killed? "
+                               "out of memory?); run the command again")
         return tuple(result)
 
     def stop(self) -> None:
