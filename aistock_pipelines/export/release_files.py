@@ -211,16 +211,25 @@ class _Worker:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def send(self, item: object, *, last: bool = False) -> None:
-        """Pickle ``item`` to the worker; ``last``: the job is complete."""
-        pickle.dump(item, self.process.stdin, pickle.HIGHEST_PROTOCOL)
-        self.process.stdin.flush()
+        """Pickle ``item`` to the worker; ``last``: the job is complete. A worker gone already is reported
+        by :meth:`result`."""
+        try:
+            pickle.dump(item, self.process.stdin, pickle.HIGHEST_PROTOCOL)
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass
         if last:
+            self._close_input()
+
+    def _close_input(self) -> None:
+        try:
             self.process.stdin.close()
+        except BrokenPipeError:  # closed all the same
+            pass
 
     def result(self) -> tuple:
         """The job's result; the worker's error raised here."""
-        if not self.process.stdin.closed:
-            self.process.stdin.close()
+        self._close_input()
         try:
             status, *result = pickle.load(self.process.stdout)
         except EOFError:
@@ -240,8 +249,7 @@ class _Worker:
             self.process.kill()
         self.process.wait()
         self.process.stdout.close()
-        if not self.process.stdin.closed:
-            self.process.stdin.close()
+        self._close_input()
 
 
 def manifest_text(files: dict[str, FileEntry]) -> str:

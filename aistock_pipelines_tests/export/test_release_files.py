@@ -4,10 +4,11 @@ large files once per inode, copies where a link is impossible, refusals and work
 from __future__ import annotations
 
 import hashlib
-import random
 import os
+import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,12 @@ def test_refusals_and_a_worker_process_error_name_the_path(tree, tmp_path, monke
     (src / "calendars" / "link.txt").symlink_to(src / "calendars" / "edge0.txt")
     with pytest.raises(OSError, match="link.txt is not a regular file"):
         link_tree(src, tmp_path / "other")
+
+
+def test_a_worker_process_that_ends_without_its_result_fails_the_walk(tree, tmp_path, monkeypatch):
+    """A worker process that ends without a result (here an interpreter that exits at once) fails the walk,
+    naming what it ran — never a manifest short of that share."""
+    src, _ = tree
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    with pytest.raises(RuntimeError, match=r"/false .*release_walk\.py\) ended with exit code 1 without its result"):
+        link_tree(src, tmp_path / "dst", shares=2)
