@@ -10,8 +10,9 @@ The database comes from :func:`export_bench.prepare_database` (the same seeded t
 an embedded server in ``.aistock/bench-pgdata``). Steps, each timed once:
 
 1. a full export of the ``allA`` variant (an ``export_bench`` worker process), then ``sync``;
-2. **release** of that snapshot (every file hard-linked and hashed) — seconds, bytes added on disk, and the
-   snapshot's own size on disk; a link-only pass of the same tree (no hashing) beside it, for the split;
+2. **release** of that snapshot (every file hard-linked and hashed), ``--repeat`` times (each but the last
+   moved aside again; the median is reported) — seconds, bytes added on disk, and the snapshot's own size on
+   disk; a link-only pass of the same tree (no hashing) beside it, for the split;
 3. a second release of the unchanged snapshot under a label (hashes taken over where the inode is the
    same), and **verify** of the first (every byte re-hashed);
 4. one trading day appended with ``--events`` restatements and an incremental export; **diff** of the
@@ -20,6 +21,7 @@ an embedded server in ``.aistock/bench-pgdata``). Steps, each timed once:
 5. **rollback** to the first release, then one more day and the incremental export after it (its bins are
    written anew, not extended), and verify of the first release again.
 
+Each timed step logs the load average after it (kept in the results: the machine is shared).
 Results: a markdown table on stdout (the one in ``docs/performance.md``, section "Releases") and a JSON
 file under ``bench/results/``. The snapshots (``.aistock/bench-releases``) and the work database are
 removed at the end unless ``--keep``.
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -61,16 +64,36 @@ def disk_bytes(folder: Path) -> tuple[int, int]:
     return total, files
 
 
+#: The 1-minute load average at the end of each timed step (the machine is shared: a figure means little
+#: without it).
+LOADS: dict[str, float] = {}
+
+
 def timed(what: str, fn):
     os.sync()  # untimed: no measurement pays for the previous one's writeback
     t = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t
-    export_bench.log(f"{what}: {seconds:.2f} s")
+    LOADS[what] = round(os.getloadavg()[0], 2)
+    export_bench.log(f"{what}: {seconds:.2f} s (load average {LOADS[what]})")
     return out, seconds
 
 
-def measure(url: str, root: Path, tmp: Path, events: int) -> dict:
+def first_releases(store, root: Path, repeat: int) -> tuple[object, list[float]]:
+    """The first release of the live version, timed ``repeat`` times, each but the last moved out of the
+    releases afterwards (so every one links and hashes the whole version; moved, not deleted: a mass delete
+    slows the next run's new folders, see ``export_bench.file_creation_us``); the last release, every time."""
+    times = []
+    for i in range(repeat):
+        made, seconds = timed(f"release {i + 1}/{repeat}", lambda: store.create(SNAPSHOT))
+        times.append(round(seconds, 3))
+        if i < repeat - 1:
+            (root / "set-aside").mkdir(exist_ok=True)
+            os.rename(made.release.path, root / "set-aside" / str(i))
+    return made, times
+
+
+def measure(url: str, root: Path, tmp: Path, events: int, repeat: int) -> dict:
     from aistock_pipelines.db import create_db_engine
     from aistock_pipelines.export.release_files import link_tree
     from aistock_pipelines.export.releases import ReleaseStore
@@ -84,7 +107,8 @@ def measure(url: str, root: Path, tmp: Path, events: int) -> dict:
     live = (root / SNAPSHOT).resolve()
     res["snapshot_disk_bytes"], res["snapshot_files"] = disk_bytes(live)
     store = ReleaseStore(root, create_db_engine(url))
-    first, res["release_seconds"] = timed("release", lambda: store.create(SNAPSHOT))
+    first, res["release_seconds_all"] = first_releases(store, root, repeat)
+    res["release_seconds"] = statistics.median(res["release_seconds_all"])
     res["release"] = {k: first.release.doc[k] for k in ("bytes_added", "manifest", "seconds")}
     _, res["link_only_seconds"] = timed("link only (no hashing)", lambda: link_tree(live, root / "link-only", hash_files=False))
     second, res["release_same_version_seconds"] = timed("release, same version", lambda: store.create(
@@ -109,6 +133,7 @@ def measure(url: str, root: Path, tmp: Path, events: int) -> dict:
     res["incremental_after_rollback"] = export_bench.run_worker(
         "incremental", {"url": url, "root": str(root), "snapshot_id": SNAPSHOT}, tmp, "inc2")
     res["verify_after_ok"] = store.verify(SNAPSHOT, first.release.name).ok
+    res["loadavg_after_step"] = dict(LOADS)
     store.engine.dispose()
     return res
 
@@ -118,7 +143,8 @@ def render(res: dict) -> str:
     rel = res["release"]
     rows = [
         ("snapshot (allA) on disk", f"{size / 2**30:.2f} GiB, {res['snapshot_files']:,} files"),
-        ("release: time", f"{res['release_seconds']:.2f} s (link only: {res['link_only_seconds']:.2f} s)"),
+        ("release: time", f"{res['release_seconds']:.2f} s (median of {res['release_seconds_all']}; "
+                          f"link only: {res['link_only_seconds']:.2f} s)"),
         ("release: bytes added", f"{rel['bytes_added'] / 2**20:.1f} MiB = {rel['bytes_added'] / size:.2%} of the snapshot"),
         ("release of the unchanged snapshot again (label)", f"{res['release_same_version_seconds']:.2f} s, "
                                                              f"{res['release_same_version_bytes_added'] / 2**20:.1f} MiB"),
@@ -141,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instruments", type=int, default=4000)
     ap.add_argument("--days", type=int, default=1500)
     ap.add_argument("--events", type=int, default=20, help="qfq restatements per appended day")
+    ap.add_argument("--repeat", type=int, default=3, help="first releases of the exported version timed")
     ap.add_argument("--small", action="store_true", help="smoke run: 300 instruments × 250 days")
     ap.add_argument("--db-url", help="an existing PostgreSQL server (admin URL with CREATEDB); default: embedded")
     ap.add_argument("--pgdata", type=Path, default=export_bench.DEFAULT_PGDATA)
@@ -159,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.root, ignore_errors=True)
         args.root.mkdir(parents=True)
         probes = export_bench.settle_file_system(args.root)
-        res = measure(db["url"], args.root, tmp, args.events)
+        res = measure(db["url"], args.root, tmp, args.events, args.repeat)
         res.update(machine=facts, file_creation_us=probes, bars=db["bars"], instruments=db["instruments"])
         facts["loadavg_end"] = os.getloadavg()
         print(render(res))

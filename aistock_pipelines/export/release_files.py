@@ -5,36 +5,36 @@ A hard link is safe because the snapshot writer never writes into a file another
 only bins with one link (:func:`qlib_bins._extend`) and writes everything else as new files. A release's
 links raise every linked inode's link count, so its bytes stay as they were.
 
-Work is per folder (an instrument's bins) in a few threads: linking, reading and hashing are system calls
-and ``hashlib`` work on buffers, all without the GIL; large files are hashed in chunks by a thread of their
-own, once per inode.
+The tree is split into shares of folders, one per core: the calling process walks the first
+(:func:`release_walk.walk`), worker processes the others, so the per-file system calls and small hashes of
+tens of thousands of bins run in parallel without a GIL between them. Large files are hashed by a worker
+process of their own, once per inode, from the moment the first is linked.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import shutil
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import pickle
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import NamedTuple
 
-from aistock_pipelines.export.stored_snapshot import sha256_file
+from aistock_pipelines.export import release_walk
+from aistock_pipelines.export.release_walk import LARGE, Share, Walked
 
-#: Files at least this large are hashed in chunks by a thread of their own; smaller ones from one read.
-LARGE = 1 << 20
-#: The first read of a file: a bin's whole content (one value per trading day, 4 bytes each).
-_FIRST_READ = 1 << 16
-#: A hard link impossible here (another file system, no links, too many links): the file is copied.
-_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+__all__ = ["LARGE", "FileEntry", "LinkedTree", "compare_manifests", "link_tree", "manifest_of", "manifest_text",
+           "parse_manifest", "tree_files"]
+
+#: Shares (the calling process and worker processes) at most, one per core.
+MAX_SHARES = 4
+#: Files per share below which a worker process is not worth its start.
+MIN_SHARE_FILES = 2000
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a manifest."""
+class FileEntry(NamedTuple):
+    """One file of a manifest (a named tuple: tens of thousands are made per release)."""
 
     sha256: str
     size: int
@@ -76,159 +76,190 @@ def tree_files(folder: Path, exclude: frozenset[str] = frozenset()) -> dict[str,
 
 
 def link_tree(source: Path, target: Path, *, exclude: frozenset[str] = frozenset(), hash_files: bool = True,
-              known: dict[str, tuple[int, FileEntry]] | None = None, workers: int = 3) -> LinkedTree:
+              known: dict[str, tuple[int, FileEntry]] | None = None, shares: int | None = None) -> LinkedTree:
     """Make ``target`` (new, or an empty folder) a tree of hard links to every file of ``source`` but
     ``exclude``, and hash each file through its new name. ``known``: relative path → (inode, entry) of
     large files already hashed (an earlier release of the same version); a file linked to that very inode
-    takes the entry unread."""
-    listing = tree_files(source, exclude)
-    out = LinkedTree()
-    parents = {os.path.dirname(d) for d in listing if d} | {""}
-    for rel_dir in sorted(parents, key=lambda d: (d.count(os.sep), d)):  # parents before children
-        made = target / rel_dir if rel_dir else target
-        made.mkdir(parents=not rel_dir, exist_ok=not rel_dir)  # the top may exist, empty
-        out.bytes_added += os.stat(made).st_blocks * 512
-    leaves = frozenset(listing) - parents  # made by their own task (thousands of instrument folders)
-    for rel, entry, copied, blocks in _per_folder(listing, str(source), str(target), hash_files, known, workers,
-                                                  leaves):
-        if rel is None:  # a folder the task made
-            out.bytes_added += blocks
-            continue
-        out.files[rel] = entry
-        if copied:
-            out.copied.append(rel)
-            out.bytes_added += blocks
-    out.files = dict(sorted(out.files.items()))
-    return out
+    takes the entry unread. ``shares``: processes at most (default: one per core, up to :data:`MAX_SHARES`)."""
+    files, copies, made = _walk(source, target, exclude, hash_files, known or {}, shares)
+    return LinkedTree(files, sorted(copies), made + sum(copies.values()))
 
 
-def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), workers: int = 3) -> dict[str, FileEntry]:
+def manifest_of(folder: Path, exclude: frozenset[str] = frozenset(), shares: int | None = None) -> dict[str, FileEntry]:
     """sha256 and size of every file under ``folder`` but ``exclude``, recomputed from the bytes."""
-    listing = tree_files(folder, exclude)
-    return dict(sorted((rel, entry) for rel, entry, _, _ in _per_folder(listing, None, str(folder), True, None, workers)))
+    return _walk(None, folder, exclude, True, {}, shares)[0]
 
 
-def _per_folder(listing: dict[str, list[str]], source: str | None, target: str, hash_files: bool,
-                known: dict[str, tuple[int, FileEntry]] | None, workers: int,
-                make: frozenset[str] = frozenset()) -> Iterator[tuple[str | None, FileEntry | None, bool, int]]:
-    """(relative path, entry, copied, blocks) of every listed file, by :func:`_folder` — which first makes
-    its folder when it is in ``make`` (then also (None, None, False, its blocks)) — in a few large tasks:
-    one per folder would hand the GIL between a worker and the collecting thread thousands of times."""
-    folders = [(d, names) for d, names in listing.items() if names or d in make]
-    tasks = max(1, min(len(folders), workers * 4))
-    with _Hasher(hash_files, known or {}) as hasher, ThreadPoolExecutor(workers, thread_name_prefix="release") as pool:
-        jobs = [pool.submit(_folders, source, target, folders[i::tasks], hasher, make) for i in range(tasks)]
-        for job in jobs:
-            for rel, entry, copied, blocks in job.result():
-                yield rel, (None if rel is None else hasher.resolve(entry)), copied, blocks
-
-
-def _folders(source: str | None, target: str, folders: list[tuple[str, list[str]]], hasher: "_Hasher",
-             make: frozenset[str]) -> list[tuple[str | None, FileEntry | Future | None, bool, int]]:
-    """:func:`_folder` for each of ``folders``, in order."""
-    out: list = []
-    for rel_dir, names in folders:
-        out += _folder(source, target, rel_dir, names, hasher, rel_dir in make)
-    return out
-
-
-class _Hasher:
-    """Hashes files for :func:`_folder`: small ones at once, in its thread, from one read; large ones in a
-    thread of their own, once per inode (``rdagent/daily_pv.h5`` is the top-level file's second name)."""
-
-    def __init__(self, enabled: bool, known: dict[str, tuple[int, FileEntry]]):
-        self.enabled, self.known = enabled, known
-        self.large = ThreadPoolExecutor(1, thread_name_prefix="release-large")
-        self.by_inode: dict[int, Future] = {}
-        self.lock = threading.Lock()
-
-    def __enter__(self) -> "_Hasher":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.large.shutdown(wait=True, cancel_futures=exc[0] is not None)
-
-    def entry(self, rel: str, fd: int, target: str) -> FileEntry | Future:
-        """The entry of the file open as ``fd`` (``rel`` under ``target``), or a Future of it. A large file
-        still linked to the inode an earlier release hashed (``known``) is not read again."""
-        data = _read_small(fd)
-        if data is not None:
-            return FileEntry(hashlib.sha256(data).hexdigest(), len(data))
-        st = os.fstat(fd)
-        prior = self.known.get(rel)
-        if prior is not None and prior[0] == st.st_ino and prior[1].size == st.st_size:
-            return prior[1]
-        with self.lock:
-            if st.st_ino not in self.by_inode:
-                path = os.path.join(target, rel)
-                self.by_inode[st.st_ino] = self.large.submit(lambda: FileEntry(sha256_file(path), st.st_size))
-            return self.by_inode[st.st_ino]
-
-    @staticmethod
-    def resolve(entry: FileEntry | Future) -> FileEntry:
-        return entry.result() if isinstance(entry, Future) else entry
-
-
-def _folder(source: str | None, target: str, rel_dir: str, names: list[str], hasher: _Hasher,
-            make: bool) -> list[tuple[str | None, FileEntry | Future | None, bool, int]]:
-    """Link (or copy) ``names`` of one folder of ``source`` into ``target`` (no source: only hash) and hash
-    them through their names in ``target``; ``make``: make the folder first. Per file: link, open, read,
-    close — the system calls are the cost at tens of thousands of bins."""
-    out: list = []
-    if make:
-        os.mkdir(os.path.join(target, rel_dir))
-        out.append((None, None, False, os.stat(os.path.join(target, rel_dir)).st_blocks * 512))
-    src = os.open(os.path.join(source, rel_dir), os.O_RDONLY | os.O_DIRECTORY) if source is not None else None
-    dst = os.open(os.path.join(target, rel_dir), os.O_RDONLY | os.O_DIRECTORY)
-    prefix = rel_dir + os.sep if rel_dir else ""
+def _walk(source: Path | None, target: Path, exclude: frozenset[str], hash_files: bool,
+          known: dict[str, tuple[int, FileEntry]], shares: int | None) -> tuple[dict[str, FileEntry], dict[str, int], int]:
+    """The entry of every file (sorted by path), the bytes on disk of each file copied instead of linked, and
+    those of the folders made: the tree of ``source`` (None: of ``target``, only hashed) split into shares,
+    the first walked here, the others by worker processes meanwhile (started first: they boot while the
+    tree is listed)."""
+    workers: list[_Worker] = []
+    large = _LargeFiles(str(target), known)
     try:
-        for name in names:
-            rel = prefix + name
-            copied = src is not None and _link_or_copy(src, dst, name, source, target, rel)
-            blocks = os.stat(name, dir_fd=dst).st_blocks * 512 if copied else 0
-            if not hasher.enabled:
-                out.append((rel, FileEntry("", 0), copied, blocks))
-                continue
-            fd = os.open(name, os.O_RDONLY, dir_fd=dst)
-            try:
-                out.append((rel, hasher.entry(rel, fd, target), copied, blocks))
-            finally:
-                os.close(fd)
+        for _ in range(_most_shares(shares) - 1):
+            workers.append(_Worker())
+        listing = tree_files(target if source is None else source, exclude)
+        made, leaves = (0, frozenset()) if source is None else _make_parents(listing, target)
+        first, *others = [Share(None if source is None else str(source), str(target), part, leaves, hash_files)
+                          for part in _split(listing, leaves, len(workers) + 1)]
+        for worker, share in zip(workers, others):
+            worker.send(("walk", *share), last=True)
+        for worker in workers[len(others):]:  # a small tree: fewer shares
+            worker.stop()
+        walked = release_walk.walk(first, large.start)
+        files, copies = _entries(walked), dict(walked.copies)  # while the workers finish
+        for worker in workers[:len(others)]:
+            more = Walked(*worker.result())
+            files |= _entries(more)
+            copies |= more.copies
+            made += more.made
+            for rel, (size, inode) in more.large.items():  # the large files only worker processes met
+                large.start(rel, size, inode)
+        digests = large.finish()
+        for rel, (size, inode) in large.found.items():
+            files[rel] = large.entry(rel, size, inode, digests)
     finally:
-        if src is not None:
-            os.close(src)
-        os.close(dst)
-    return out
+        for worker in workers:
+            worker.stop()
+        large.stop()
+    return {rel: files[rel] for rel in sorted(files)}, copies, made + walked.made  # by key: no tuple per file
 
 
-def _link_or_copy(src_dir: int, dst_dir: int, name: str, source: str, target: str, rel: str) -> bool:
-    """Hard-link ``name``; copy it where this file system cannot link it. True when copied."""
-    try:
-        os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
-        return False
-    except OSError as e:
-        if e.errno not in _NO_LINK:
-            raise
-    shutil.copyfile(os.path.join(source, rel), os.path.join(target, rel))
-    return True
+def _make_parents(listing: dict[str, list[str]], target: Path) -> tuple[int, frozenset[str]]:
+    """Make the folders of ``target`` that hold other folders (the top may exist, empty): their bytes on disk,
+    and the other folders, made by the share that walks them (thousands of instrument folders)."""
+    parents = {os.path.dirname(d) for d in listing if d} | {""}
+    made = 0
+    for rel_dir in sorted(parents, key=lambda d: (d.count(os.sep), d)):  # parents before children
+        folder = target / rel_dir if rel_dir else target
+        folder.mkdir(parents=not rel_dir, exist_ok=not rel_dir)
+        made += os.stat(folder).st_blocks * 512
+    return made, frozenset(listing) - parents
 
 
-def _read_small(fd: int) -> bytes | None:
-    """The whole file open as ``fd`` if it is smaller than :data:`LARGE`, else None. Reads stop at an
-    empty read (the end of the file: checked, not assumed)."""
-    data = os.read(fd, _FIRST_READ)
-    while True:
-        more = os.read(fd, _FIRST_READ)
-        if not more:
-            return data
-        data += more
-        if len(data) >= LARGE:
-            return None
+def _entries(walked: Walked) -> dict[str, FileEntry]:
+    """A walk's entries (those of large files are placeholders until hashed)."""
+    return {rel: FileEntry(digest, size) for rel, digest, size in zip(walked.rels, walked.digests, walked.sizes)}
+
+
+def _most_shares(shares: int | None) -> int:
+    """Shares at most: ``shares``, or one per core up to :data:`MAX_SHARES` (one without an interpreter to start)."""
+    return max(1, shares or (min(os.cpu_count() or 1, MAX_SHARES) if sys.executable else 1))
+
+
+def _split(listing: dict[str, list[str]], make: frozenset[str], most: int) -> list[list[tuple[str, list[str]]]]:
+    """The folders in up to ``most`` shares of about as many files each (none under
+    :data:`MIN_SHARE_FILES`), the top folders first in the first share (the calling process's: a large file
+    there starts its hashing at once)."""
+    folders = sorted(((d, names) for d, names in listing.items() if names or d in make),
+                     key=lambda f: (f[0].count(os.sep), f[0]))
+    files = sum(len(names) for _, names in folders)
+    n = max(1, min(most, files // MIN_SHARE_FILES, len(folders)))
+    return [folders[i::n] for i in range(n)]
+
+
+class _LargeFiles:
+    """The sha256 of large files, once per inode (``rdagent/daily_pv.h5`` is the top file's second name), by a
+    worker process of their own from the first one linked (a thread here would wait for the GIL behind the
+    walk's system calls); a file still linked to the inode an earlier release hashed (``known``) is not read
+    again."""
+
+    def __init__(self, root: str, known: dict[str, tuple[int, FileEntry]]):
+        self.root, self.known = root, known
+        self.found: dict[str, tuple[int, int]] = {}  # relative path → size, inode
+        self.inodes: list[int] = []  # sent for hashing, in order
+        self.worker: _Worker | None = None
+
+    def _prior(self, rel: str, size: int, inode: int) -> FileEntry | None:
+        prior = self.known.get(rel)
+        return prior[1] if prior is not None and prior[0] == inode and prior[1].size == size else None
+
+    def start(self, rel: str, size: int, inode: int) -> None:
+        """Have ``rel`` hashed unless its inode is sent already or known."""
+        self.found[rel] = (size, inode)
+        if inode in self.inodes or self._prior(rel, size, inode) is not None:
+            return
+        if self.worker is None:
+            self.worker = _Worker()
+            self.worker.send(("hash",))
+        self.worker.send(os.path.join(self.root, rel))
+        self.inodes.append(inode)
+
+    def finish(self) -> dict[int, str]:
+        """The sha256 of every inode sent (waiting for the worker)."""
+        return dict(zip(self.inodes, self.worker.result()[0])) if self.worker is not None else {}
+
+    def entry(self, rel: str, size: int, inode: int, digests: dict[int, str]) -> FileEntry:
+        """The entry of a large file: the earlier release's, or from ``digests`` (:meth:`finish`)."""
+        return self._prior(rel, size, inode) or FileEntry(digests[inode], size)
+
+    def stop(self) -> None:
+        """End the worker if it still runs."""
+        if self.worker is not None:
+            self.worker.stop()
+
+
+class _Worker:
+    """A worker process, ``python -I -S release_walk.py`` (the standard library only): pickled job in
+    (:func:`release_walk.main`), one pickled result out."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-I", "-S", release_walk.__file__],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def send(self, item: object, *, last: bool = False) -> None:
+        """Pickle ``item`` to the worker; ``last``: the job is complete. A worker gone already is reported
+        by :meth:`result`."""
+        try:
+            pickle.dump(item, self.process.stdin, pickle.HIGHEST_PROTOCOL)
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass
+        if last:
+            self._close_input()
+
+    def _close_input(self) -> None:
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:  # closed all the same
+            pass
+
+    def result(self) -> tuple:
+        """The job's result; the worker's error raised here."""
+        self._close_input()
+        try:
+            status, *result = pickle.load(self.process.stdout)
+        except EOFError:
+            status = None
+        code = self.process.wait()
+        if status == "error":
+            raise result[0]
+        if status != "ok" or code != 0:
+            raise RuntimeError(f"a worker process linking or hashing release files ({sys.executable} "
+                               f"{release_walk.__file__}) ended with exit code {code} without its result (killed? "
+                               "out of memory?); run the command again")
+        return tuple(result)
+
+    def stop(self) -> None:
+        """End the process if it still runs (the caller failed first)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+        self._close_input()
 
 
 def manifest_text(files: dict[str, FileEntry]) -> str:
-    """A manifest as text: one ``<sha256> <size> <path>`` line per file, sorted by path."""
-    return "".join(f"{e.sha256} {e.size} {rel}\n" for rel, e in sorted(files.items()))
+    """A manifest as text: one ``<sha256> <size> <path>`` line per file, sorted by path (by key: sorting
+    the items would make a tuple per file, and those make the garbage collector walk the whole heap)."""
+    lines = []
+    for rel in sorted(files):
+        digest, size = files[rel]
+        lines.append(f"{digest} {size} {rel}\n")
+    return "".join(lines)
 
 
 def parse_manifest(text: str) -> dict[str, FileEntry]:

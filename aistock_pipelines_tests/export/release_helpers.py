@@ -43,7 +43,7 @@ def inodes(folder: Path) -> set[int]:
 _KILLED_CHILD = """
 import pathlib, sys, time
 from aistock_pipelines.db import create_db_engine
-from aistock_pipelines.export import release_files
+from aistock_pipelines.export import release_walk
 from aistock_pipelines.export.meta_repo import MetaRepo
 from aistock_pipelines.export.releases import ReleaseStore
 from aistock_pipelines.export.rollback import rollback
@@ -56,14 +56,14 @@ def hang(*args, **kwargs):
 
 if action == "after-swap":  # the swap is done, the meta rows not yet
     MetaRepo.replace = hang
-else:  # hang while linking the 50th file
-    link, calls = release_files._link_or_copy, []
+else:  # hang while linking the 50th file of the share this process walks (worker processes walk the others)
+    link, calls = release_walk._link_or_copy, []
     def counting(*args):
         calls.append(1)
         if len(calls) == 50:
             hang()
         return link(*args)
-    release_files._link_or_copy = counting
+    release_walk._link_or_copy = counting
 store = ReleaseStore(pathlib.Path(root), create_db_engine(url))
 if action == "release":
     store.create("demo", label=name)
