@@ -249,11 +249,8 @@ def verify_h5(path: Path, expected_sha256: str) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _map_values(path: Path, offset: int | None, dtype: np.dtype, stored: int, shape: tuple[int, int], *,
