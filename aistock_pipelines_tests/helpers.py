@@ -7,9 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dagster import DagsterInstance
 from sqlalchemy.engine import Engine
 
 from aistock_pipelines.db import create_db_engine
+from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
+from aistock_pipelines.snapshot_config import SnapshotsFile
 
 
 @contextmanager
@@ -20,6 +23,14 @@ def disposing_engine(url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def instance_with_trading_days(url: str, config: SnapshotsFile) -> DagsterInstance:
+    """An ephemeral Dagster instance with every snapshot's trading days registered as its partitions."""
+    instance = DagsterInstance.ephemeral()
+    with disposing_engine(url) as engine:
+        register_trading_days(instance, engine, config)
+    return instance
 
 
 def processes_of(marker: str) -> list[str]:

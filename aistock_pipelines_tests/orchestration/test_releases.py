@@ -17,7 +17,7 @@ from aistock_pipelines.orchestration.trading_day_partitions import register_trad
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE
 from aistock_pipelines.snapshot_config import load_snapshots_file
-from aistock_pipelines_tests.helpers import disposing_engine
+from aistock_pipelines_tests.helpers import disposing_engine, instance_with_trading_days
 
 pytestmark = pytest.mark.db
 CONFIG = load_snapshots_file(DEMO_SNAPSHOTS_FILE)
@@ -97,9 +97,7 @@ def test_periods_end_on_their_last_trading_day():
 def test_an_export_carries_the_diff_of_what_it_changed(market_db, tmp_path):
     assets = {a.key.path[-1]: a for a in snapshot_assets(CONFIG)}
     resources = {"aistock_db": AIstockDatabase(url=market_db), "snapshot_store": SnapshotStore(root=str(tmp_path))}
-    instance = DagsterInstance.ephemeral()
-    with disposing_engine(market_db) as engine:
-        register_trading_days(instance, engine, CONFIG)
+    instance = instance_with_trading_days(market_db, CONFIG)
     full = materialize([assets["demo_qlib"]], resources=resources, instance=instance, tags={
         "dagster/asset_partition_range_start": "2023-01-03", "dagster/asset_partition_range_end": "2024-06-19"})
     assert "diff_restated" not in full.asset_materializations_for_node("snapshots__demo_qlib")[0].metadata

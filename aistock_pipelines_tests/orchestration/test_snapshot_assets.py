@@ -2,7 +2,7 @@
 
 import pandas as pd
 import pytest
-from dagster import DagsterInstance, DagsterUnknownPartitionError, materialize
+from dagster import DagsterUnknownPartitionError, materialize
 
 from aistock_pipelines.demo.market import advance_market
 from aistock_pipelines.orchestration.snapshot_assets import snapshot_assets
@@ -10,7 +10,7 @@ from aistock_pipelines.orchestration.trading_day_partitions import register_trad
 from aistock_pipelines.resources import AIstockDatabase, SnapshotStore
 from aistock_pipelines.settings import DEMO_SNAPSHOTS_FILE
 from aistock_pipelines.snapshot_config import load_snapshots_file
-from aistock_pipelines_tests.helpers import disposing_engine
+from aistock_pipelines_tests.helpers import disposing_engine, instance_with_trading_days
 
 pytestmark = pytest.mark.db
 CONFIG = load_snapshots_file(DEMO_SNAPSHOTS_FILE)
@@ -23,9 +23,7 @@ def _materialize(asset, resources, instance, tags=None, partition_key=None):
 def test_range_backfill_then_daily_partition_equals_full_export(market_db, tmp_path):
     assets = {a.key.path[-1]: a for a in snapshot_assets(CONFIG)}
     resources = {"aistock_db": AIstockDatabase(url=market_db), "snapshot_store": SnapshotStore(root=str(tmp_path))}
-    instance = DagsterInstance.ephemeral()
-    with disposing_engine(market_db) as engine:
-        register_trading_days(instance, engine, CONFIG)
+    instance = instance_with_trading_days(market_db, CONFIG)
     result = _materialize(assets["demo_qlib"], resources, instance, tags={
         "dagster/asset_partition_range_start": "2023-01-03", "dagster/asset_partition_range_end": "2024-06-19"})
     assert result.success

@@ -21,9 +21,8 @@ from aistock_pipelines.definitions import build_definitions
 from aistock_pipelines.orchestration.adhoc_export import JOB_NAME as ADHOC_JOB
 from aistock_pipelines.orchestration.market_assets import OBSERVE_JOB
 from aistock_pipelines.orchestration.snapshot_checks import CHECKS
-from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
 from aistock_pipelines.snapshot_config import load_snapshots_file
-from aistock_pipelines_tests.helpers import disposing_engine
+from aistock_pipelines_tests.helpers import instance_with_trading_days
 from aistock_pipelines.settings import Settings
 
 pytestmark = pytest.mark.db
@@ -48,9 +47,7 @@ def exported(world):
     url, root, defs = world
     asset = defs.get_assets_def(QLIB)
     checks = [c for c in defs.asset_checks if QLIB in {k.asset_key for k in c.check_keys}]
-    instance = DagsterInstance.ephemeral()
-    with disposing_engine(url) as engine:
-        register_trading_days(instance, engine, load_snapshots_file(Settings.from_env().snapshots_file))
+    instance = instance_with_trading_days(url, load_snapshots_file(Settings.from_env().snapshots_file))
     result = materialize([asset, *checks], resources=defs.resources, instance=instance, tags=RANGE)
     return result
 
