@@ -21,6 +21,7 @@ from pydantic import Field
 
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
 from aistock_pipelines.export.build import ExportResult
+from aistock_pipelines.export.mapping import quote_table
 from aistock_pipelines.export.releases import ReleaseResult, ReleaseStore
 from aistock_pipelines.export.rollback import rollback
 from aistock_pipelines.export.snapshot_diff import diff_folders
@@ -127,10 +128,9 @@ def rollback_job() -> JobDefinition:
 
 
 def next_trading_day(db: AIstockDatabase, day: date, calendar_table: str) -> date | None:
-    schema, table = calendar_table.split(".")
     with db.engine().connect() as conn:
-        return conn.execute(sa.text(f'SELECT min(cal_date) FROM "{schema}"."{table}" WHERE cal_date > :d AND is_trading'),
-                            {"d": day}).scalar()
+        return conn.execute(sa.text(f"SELECT min(cal_date) FROM {quote_table(calendar_table)} "
+                                    "WHERE cal_date > :d AND is_trading"), {"d": day}).scalar()
 
 
 def ends_period(schedule_kind: str, day: date, following: date) -> bool:

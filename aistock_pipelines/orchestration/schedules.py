@@ -25,6 +25,7 @@ from dagster import (
 )
 
 from aistock_pipelines.conventions import EXCHANGE_TIMEZONE
+from aistock_pipelines.export.mapping import quote_table
 from aistock_pipelines.orchestration.trading_day_partitions import register_trading_days
 from aistock_pipelines.resources import AIstockDatabase
 from aistock_pipelines.snapshot_config import SnapshotsFile, snapshot_name
@@ -43,9 +44,9 @@ def snapshot_jobs(config: SnapshotsFile):
 
 
 def is_trading_day(db: AIstockDatabase, day: date, calendar_table: str) -> bool | None:
-    schema, table = calendar_table.split(".")
     with db.engine().connect() as conn:
-        return conn.execute(sa.text(f'SELECT is_trading FROM "{schema}"."{table}" WHERE cal_date = :d'), {"d": day}).scalar()
+        return conn.execute(sa.text(f"SELECT is_trading FROM {quote_table(calendar_table)} WHERE cal_date = :d"),
+                            {"d": day}).scalar()
 
 
 def trading_day_closed(context: ScheduleEvaluationContext, db: AIstockDatabase,
